@@ -1,0 +1,43 @@
+# effnet entry points. `make demo` and `make test` are the README's two commands; each does
+# its own set-up (project-local .venv with libtorch from the PyPI torch wheel).
+#
+#   make build        release binary at target/release/effnet (rpath finds libtorch; no env needed)
+#   make build CUDA=1 same, linked against libtorch_cuda (installs torch's CUDA wheels first)
+#   make demo         the main job
+#   make test         fmt, clippy, all tests (installs the Python reference stack for parity tests)
+#   make bench        benchmarks against PyTorch eager; figures go to docs/benchmarks.md
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CUDA ?=
+ifeq ($(CUDA),1)
+  export EFFNET_TORCH := cuda
+  CARGO_FEATURES := --features cuda
+endif
+
+.PHONY: venv venv-reference build demo test lint bench clean-venv
+
+venv:
+	@scripts/bootstrap.sh
+
+venv-reference:
+	@scripts/bootstrap.sh reference
+
+build: venv
+	$(CARGO) build --release -p effnet-cli $(CARGO_FEATURES)
+
+demo: build
+	@scripts/demo.sh
+
+lint: venv
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: venv-reference lint
+	$(CARGO) test --workspace
+
+bench: venv-reference
+	@scripts/bench-model.sh
+
+clean-venv:
+	rm -rf .venv

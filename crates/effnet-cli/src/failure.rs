@@ -1,0 +1,48 @@
+//! Exit statuses: 2 for bad input (arguments, config, files the user named), 1 otherwise.
+
+use std::process::ExitCode;
+
+/// An error caused by what the user passed in.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Shorthand for a bad-input error with a formatted message.
+macro_rules! bad_input {
+    ($($arg:tt)*) => { anyhow::Error::new($crate::failure::BadInput(format!($($arg)*))) };
+}
+pub(crate) use bad_input;
+
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if cause.downcast_ref::<BadInput>().is_some() {
+            return 2;
+        }
+        if let Some(model_error) = cause.downcast_ref::<effnet_model::Error>() {
+            return if model_error.is_bad_input() { 2 } else { 1 };
+        }
+    }
+    1
+}
+
+/// clap prints usage blocks; keep the contract of one line on stderr and status 2, except for
+/// `--help` / `--version`, which print in full and succeed.
+pub fn report_clap_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = error.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            let _ = error.print();
+            ExitCode::from(2)
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
+            eprintln!("{}", line.trim_end());
+            ExitCode::from(2)
+        }
+    }
+}

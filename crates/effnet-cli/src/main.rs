@@ -1,0 +1,52 @@
+//! The `effnet` binary: parse arguments, set up logging, run one command, map the outcome to an
+//! exit status (0 success, 2 bad input with a one-line reason, 1 anything else).
+
+mod commands;
+mod failure;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::failure::exit_code;
+use crate::logging::LogFormat;
+
+/// Train EfficientNet B0–B7 data-parallel from Parquet datasets in object storage.
+#[derive(Debug, Parser)]
+#[command(name = "effnet", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect EfficientNet variants and run inference with saved weights.
+    #[command(subcommand)]
+    Model(commands::model::ModelCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return failure::report_clap_error(error),
+    };
+    logging::init(cli.log_format);
+    let outcome = match cli.command {
+        Command::Model(command) => commands::model::run(command),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` joins the context chain on one line.
+            let message = format!("{error:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}

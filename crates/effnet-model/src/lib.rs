@@ -1,0 +1,29 @@
+//! EfficientNet B0–B7 (and any compound coefficient phi) on libtorch through `tch`.
+//!
+//! # Layout
+//! - [`scaling`]: compound scaling as pure functions (`round_channels`, `scale_depth`, the
+//!   B0–B7 table, custom phi).
+//! - [`config`]: B0's stage table and the user's choices, turned into an [`Architecture`] with
+//!   final per-block numbers (channels, kernel, stride, drop-path rate).
+//! - [`blocks`]: `ConvBnAct`, squeeze-excitation, MBConv and stochastic depth.
+//! - [`model`]: the network, its parameter count and multiply-add count.
+//! - [`weights`]: safetensors import (torchvision names, and timm names mapped onto them) and
+//!   export.
+//!
+//! Data flows config → architecture → `EfficientNet::new(vs.root(), ...)`; variable names are
+//! torchvision's state-dict keys, so exported torchvision weights load unchanged.
+
+pub mod blocks;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod reference;
+pub mod scaling;
+pub mod weights;
+
+pub use blocks::stochastic_depth;
+pub use config::{Architecture, BatchNormStyle, EfficientNetConfig, ModelSpec};
+pub use error::{Error, Result};
+pub use model::EfficientNet;
+pub use scaling::{CompoundCoefficients, Variant};
+pub use weights::{KeyLayout, LoadReport, load_safetensors, save_safetensors};
