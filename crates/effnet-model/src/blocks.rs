@@ -34,7 +34,7 @@ fn drop_path_unchecked(input: &Tensor, p: f64, train: bool) -> Tensor {
     }
     let mut noise = Tensor::empty(noise_shape, (input.kind(), input.device())).bernoulli_float_(survival);
     if survival > 0.0 {
-        noise = noise / survival;
+        noise /= survival;
     }
     input * noise
 }
@@ -101,6 +101,8 @@ pub struct ConvBnAct {
     pub conv: nn::Conv2D,
     pub bn: nn::BatchNorm,
     pub activation: bool,
+    /// The eps/momentum `bn` was built with.
+    pub batch_norm: BatchNormParams,
     pub in_channels: u32,
     pub out_channels: u32,
     pub kernel: u32,
@@ -128,10 +130,13 @@ impl ConvBnAct {
             nn::BatchNormConfig {
                 eps: batch_norm.eps,
                 momentum: batch_norm.momentum,
+                // tch defaults to uniform(0, 1) weights; torchvision starts BatchNorm at identity.
+                ws_init: nn::Init::Const(1.0),
+                bs_init: nn::Init::Const(0.0),
                 ..Default::default()
             },
         );
-        ConvBnAct { conv, bn, activation, in_channels, out_channels, kernel, stride, groups }
+        ConvBnAct { conv, bn, activation, batch_norm, in_channels, out_channels, kernel, stride, groups }
     }
 
     /// Output side length for a square input of side `input`: padding `(k-1)/2` gives
@@ -195,7 +200,13 @@ pub struct SqueezeExcitation {
 
 impl SqueezeExcitation {
     pub fn new(path: nn::Path, channels: u32, squeeze: u32) -> Self {
-        let shape = |in_channels, out_channels| ConvShape { in_channels, out_channels, kernel: 1, stride: 1, groups: 1 };
+        let shape = |in_channels, out_channels| ConvShape {
+            in_channels,
+            out_channels,
+            kernel: 1,
+            stride: 1,
+            groups: 1,
+        };
         SqueezeExcitation {
             fc1: conv2d(&(&path / "fc1"), shape(channels, squeeze), true),
             fc2: conv2d(&(&path / "fc2"), shape(squeeze, channels), true),
@@ -211,12 +222,7 @@ impl SqueezeExcitation {
 
 impl Module for SqueezeExcitation {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let scale = xs
-            .adaptive_avg_pool2d([1, 1])
-            .apply(&self.fc1)
-            .silu()
-            .apply(&self.fc2)
-            .sigmoid();
+        let scale = xs.adaptive_avg_pool2d([1, 1]).apply(&self.fc1).silu().apply(&self.fc2).sigmoid();
         xs * scale
     }
 }
@@ -287,11 +293,8 @@ impl MBConv {
             false,
             batch_norm,
         );
-        let drop_path = if config.has_skip() {
-            Some(DropPath::new(config.drop_path_rate, multiplier)?)
-        } else {
-            None
-        };
+        let drop_path =
+            if config.has_skip() { Some(DropPath::new(config.drop_path_rate, multiplier)?) } else { None };
         Ok(MBConv { config, expand, depthwise, se, project, drop_path })
     }
 

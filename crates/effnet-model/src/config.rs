@@ -8,9 +8,7 @@
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::scaling::{
-    CompoundCoefficients, Scaling, Variant, compound_scaling, round_channels, scale_depth,
-};
+use crate::scaling::{CompoundCoefficients, Scaling, Variant, compound_scaling, round_channels, scale_depth};
 
 /// Channels are rounded to multiples of this (hardware-friendly, as in the reference code).
 pub const CHANNEL_DIVISOR: u32 = 8;
@@ -70,7 +68,9 @@ impl ModelSpec {
     /// A short display name: `EfficientNet-B3` or `EfficientNet-phi1.5`.
     pub fn display_name(&self) -> String {
         match self {
-            ModelSpec::Named { variant } => format!("EfficientNet-{}", variant.name().to_uppercase()),
+            ModelSpec::Named { variant } => {
+                format!("EfficientNet-{}", variant.name().to_uppercase())
+            }
             ModelSpec::Custom { phi, .. } => format!("EfficientNet-phi{phi}"),
         }
     }
@@ -156,10 +156,7 @@ impl EfficientNetConfig {
     }
 
     pub fn custom(phi: f64, coefficients: CompoundCoefficients) -> Self {
-        EfficientNetConfig {
-            spec: ModelSpec::Custom { phi, coefficients },
-            ..Self::named(Variant::B0)
-        }
+        EfficientNetConfig { spec: ModelSpec::Custom { phi, coefficients }, ..Self::named(Variant::B0) }
     }
 
     pub fn with_classes(mut self, classes: u32) -> Self {
@@ -190,7 +187,10 @@ impl EfficientNetConfig {
     /// Check every user-chosen number; the error names the field and the bad value.
     pub fn validate(&self) -> Result<()> {
         if self.classes == 0 {
-            return Err(Error::InvalidConfig { field: "classes", reason: "must be at least 1, got 0".into() });
+            return Err(Error::InvalidConfig {
+                field: "classes",
+                reason: "must be at least 1, got 0".into(),
+            });
         }
         if self.input_channels == 0 {
             return Err(Error::InvalidConfig {
@@ -211,8 +211,7 @@ impl EfficientNetConfig {
         self.validate()?;
         let scaling = self.spec.scaling()?;
         let stem_channels = round_channels(STEM_CHANNELS, scaling.width, CHANNEL_DIVISOR);
-        let total_blocks: u32 =
-            B0_STAGES.iter().map(|stage| scale_depth(stage.repeats, scaling.depth)).sum();
+        let total_blocks: u32 = B0_STAGES.iter().map(|stage| scale_depth(stage.repeats, scaling.depth)).sum();
 
         let mut stages = Vec::with_capacity(B0_STAGES.len());
         let mut in_channels = stem_channels;
@@ -405,7 +404,8 @@ mod tests {
     fn invalid_configs_name_the_field() {
         let zero_classes = EfficientNetConfig::named(Variant::B0).with_classes(0).validate().unwrap_err();
         assert!(zero_classes.to_string().contains("classes"), "{zero_classes}");
-        let bad_rate = EfficientNetConfig::named(Variant::B0).with_drop_path_rate(1.5).validate().unwrap_err();
+        let bad_rate =
+            EfficientNetConfig::named(Variant::B0).with_drop_path_rate(1.5).validate().unwrap_err();
         assert!(bad_rate.to_string().contains("drop_path_rate") && bad_rate.to_string().contains("1.5"));
         let zero_channels =
             EfficientNetConfig::named(Variant::B0).with_input_channels(0).validate().unwrap_err();

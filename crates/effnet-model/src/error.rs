@@ -26,7 +26,9 @@ pub enum Error {
     #[error("weights file {path}: tensor '{name}' has shape {found:?}, the model expects {expected:?}")]
     ShapeMismatch { path: PathBuf, name: String, expected: Vec<i64>, found: Vec<i64> },
 
-    #[error("weights file {path}: unexpected tensor '{name}' (not part of this model; wrong variant or classes?)")]
+    #[error(
+        "weights file {path}: unexpected tensor '{name}' (not part of this model; wrong variant or classes?)"
+    )]
     UnexpectedTensor { path: PathBuf, name: String },
 
     #[error("weights file {path}: tensor '{name}' has non-floating dtype {dtype}")]

@@ -159,8 +159,6 @@ impl EfficientNet {
 
 impl ModuleT for EfficientNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.features(xs, train)
-            .dropout(self.architecture.dropout, train)
-            .apply(&self.classifier)
+        self.features(xs, train).dropout(self.architecture.dropout, train).apply(&self.classifier)
     }
 }

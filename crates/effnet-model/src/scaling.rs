@@ -62,11 +62,7 @@ pub fn scale_depth(repeats: u32, depth: f64) -> u32 {
     // Guard against 3 * 1.0000000001 style float noise turning an exact product into +1.
     let scaled = repeats as f64 * depth;
     let nearest = scaled.round();
-    if (scaled - nearest).abs() < 1e-9 {
-        nearest as u32
-    } else {
-        scaled.ceil() as u32
-    }
+    if (scaled - nearest).abs() < 1e-9 { nearest as u32 } else { scaled.ceil() as u32 }
 }
 
 /// The named variants of the paper.
@@ -310,17 +306,15 @@ mod tests {
 
     #[test]
     fn non_positive_coefficients_are_rejected_with_the_value() {
-        for (alpha, beta, gamma, name) in [
-            (0.0, 1.1, 1.15, "alpha"),
-            (1.2, -1.0, 1.15, "beta"),
-            (1.2, 1.1, f64::NAN, "gamma"),
-        ] {
+        for (alpha, beta, gamma, name) in
+            [(0.0, 1.1, 1.15, "alpha"), (1.2, -1.0, 1.15, "beta"), (1.2, 1.1, f64::NAN, "gamma")]
+        {
             let err = compound_scaling(1.0, CompoundCoefficients { alpha, beta, gamma }).unwrap_err();
             let message = err.to_string();
             assert!(message.contains(name), "{message}");
         }
-        let err = compound_scaling(1.0, CompoundCoefficients { alpha: -2.5, beta: 1.1, gamma: 1.15 })
-            .unwrap_err();
+        let err =
+            compound_scaling(1.0, CompoundCoefficients { alpha: -2.5, beta: 1.1, gamma: 1.15 }).unwrap_err();
         assert!(err.to_string().contains("-2.5"), "{err}");
         assert!(compound_scaling(f64::INFINITY, CompoundCoefficients::default()).is_err());
     }

@@ -82,10 +82,8 @@ pub fn load_safetensors(vs: &VarStore, path: &Path, layout: KeyLayout) -> Result
             continue;
         }
         let mapped = match layout {
-            KeyLayout::Timm => timm_to_torchvision(name, &names).ok_or_else(|| Error::UnexpectedTensor {
-                path: path.to_path_buf(),
-                name: name.clone(),
-            })?,
+            KeyLayout::Timm => timm_to_torchvision(name, &names)
+                .ok_or_else(|| Error::UnexpectedTensor { path: path.to_path_buf(), name: name.clone() })?,
             _ => name.clone(),
         };
         if !tensor.is_floating_point() {

@@ -204,7 +204,10 @@ fn stage_rows(arch: &Architecture, resolution: u32) -> Vec<StageRow> {
     for (index, stage) in arch.stages.iter().enumerate() {
         rows.push(StageRow {
             stage: index + 2,
-            operator: format!("MBConv{}, k{}x{}", stage.spec.expand_ratio, stage.spec.kernel, stage.spec.kernel),
+            operator: format!(
+                "MBConv{}, k{}x{}",
+                stage.spec.expand_ratio, stage.spec.kernel, stage.spec.kernel
+            ),
             resolution: side,
             channels: stage.out_channels,
             layers: stage.repeats,
@@ -235,7 +238,12 @@ fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
     }
     println!(
         "{}  width {:.3}  depth {:.3}  resolution {}  dropout {:.2}  drop path {:.2}",
-        summary.name, summary.width, summary.depth, summary.native_resolution, summary.dropout, summary.drop_path_rate
+        summary.name,
+        summary.width,
+        summary.depth,
+        summary.native_resolution,
+        summary.dropout,
+        summary.drop_path_rate
     );
     println!(
         "classes {}  input channels {}  BatchNorm eps {:e} momentum {}  blocks {}",
@@ -259,7 +267,10 @@ fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
     }
     println!();
     println!("parameters  {}", group_thousands(summary.parameters));
-    println!("GFLOPs      {:.3} (multiply-adds at {}x{})", summary.gflops, summary.resolution, summary.resolution);
+    println!(
+        "GFLOPs      {:.3} (multiply-adds at {}x{})",
+        summary.gflops, summary.resolution, summary.resolution
+    );
     Ok(())
 }
 
@@ -301,11 +312,23 @@ fn summary_all(json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("EfficientNet B0–B7, 1000 classes: built here vs torchvision (parameters) and the paper (GFLOPs)");
+    println!(
+        "EfficientNet B0–B7, 1000 classes: built here vs torchvision (parameters) and the paper (GFLOPs)"
+    );
     println!();
     println!(
         "{:<7} {:>5} {:>5} {:>5} {:>7} {:>6} {:>12} {:>12} {:>7} {:>7} {:>7}",
-        "variant", "width", "depth", "res", "dropout", "blocks", "parameters", "torchvision", "GFLOPs", "paper", "top-1"
+        "variant",
+        "width",
+        "depth",
+        "res",
+        "dropout",
+        "blocks",
+        "parameters",
+        "torchvision",
+        "GFLOPs",
+        "paper",
+        "top-1"
     );
     for row in &rows {
         println!(
@@ -325,10 +348,7 @@ fn summary_all(json: bool) -> anyhow::Result<()> {
     }
     let all_equal = rows.iter().all(|r| r.parameters == r.reference_parameters);
     println!();
-    println!(
-        "parameter counts {} torchvision's",
-        if all_equal { "all equal" } else { "DIFFER from" }
-    );
+    println!("parameter counts {} torchvision's", if all_equal { "all equal" } else { "DIFFER from" });
     Ok(())
 }
 
@@ -336,7 +356,7 @@ fn group_thousands(value: i64) -> String {
     let digits = value.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -356,7 +376,9 @@ fn parse_device(text: &str) -> anyhow::Result<Device> {
     if let Device::Cuda(index) = device {
         let available = tch::Cuda::device_count();
         if index as i64 >= available {
-            return Err(bad_input!("--device {text}: CUDA device {index} is not available ({available} visible)"));
+            return Err(bad_input!(
+                "--device {text}: CUDA device {index} is not available ({available} visible)"
+            ));
         }
     }
     Ok(device)
@@ -367,11 +389,18 @@ fn read_input(path: &Path, input_channels: u32) -> anyhow::Result<Tensor> {
         return Err(bad_input!("input {}: no such file", path.display()));
     }
     let tensor = Tensor::read_npy(path).map_err(|e| {
-        bad_input!("input {}: not a readable .npy file ({})", path.display(), e.to_string().lines().next().unwrap_or(""))
+        bad_input!(
+            "input {}: not a readable .npy file ({})",
+            path.display(),
+            e.to_string().lines().next().unwrap_or("")
+        )
     })?;
     let shape = tensor.size();
     if shape.len() != 4 {
-        return Err(bad_input!("input {}: expected 4 dimensions N×C×H×W, got shape {shape:?}", path.display()));
+        return Err(bad_input!(
+            "input {}: expected 4 dimensions N×C×H×W, got shape {shape:?}",
+            path.display()
+        ));
     }
     if shape[1] != input_channels as i64 {
         return Err(bad_input!(
@@ -415,9 +444,7 @@ fn infer(args: &InferArgs) -> anyhow::Result<()> {
             .collect();
         Ok(Tensor::cat(&outputs, 0))
     })?;
-    logits
-        .write_npy(&args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    logits.write_npy(&args.output).with_context(|| format!("writing {}", args.output.display()))?;
     tracing::info!(output = %args.output.display(), shape = ?logits.size(), "wrote logits");
     Ok(())
 }
