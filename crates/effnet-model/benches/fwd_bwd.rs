@@ -30,7 +30,7 @@ fn main() {
 
     let step = || {
         for mut variable in vs.trainable_variables() {
-            let _ = variable.zero_grad();
+            variable.zero_grad();
         }
         let loss = model.forward_t(&images, true).cross_entropy_for_logits(&labels);
         loss.backward();
