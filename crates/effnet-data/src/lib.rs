@@ -1,0 +1,17 @@
+//! Parquet image datasets: format, manifest, `prepare` converters, shard plans, the streaming
+//! reader and its resumable cursor.
+//!
+//! # Layout
+//! - [`manifest`]: `_manifest.json`, written last, checksummed.
+//! - [`plan`]: per-epoch shard plans over row groups, the shuffle buffer, and the
+//!   [`plan::DataCursor`] that makes resume exactly-once at any world size.
+//! - [`rng`]: the crate's own SplitMix64, so orders never change with a dependency.
+
+pub mod error;
+pub mod manifest;
+pub mod plan;
+pub mod rng;
+
+pub use error::{Error, Result};
+pub use manifest::Manifest;
+pub use plan::{DataCursor, EpochPlan, RankCursor, RankWork, RowGroupRef, SampleRef, WorkUnit};
