@@ -19,6 +19,9 @@ PY="${PYTHON:-python3}"
 TORCH_VERSION="2.11.0"
 TORCHVISION_VERSION="0.26.0"
 TIMM_VERSION="1.0.31"
+# Python side of tests and benchmarks: the S3 test server, the data-loader baseline and the
+# photographs that seed the JPEG benchmark corpus.
+REFERENCE_EXTRAS=("moto[server]==5.2.5" "pillow==13.0.0" "pyarrow==26.0.1" "scikit-image==0.26.0")
 # The two CUDA wheels libtorch_cpu.so links against, even on CPU-only machines.
 CPU_EXTRA=("nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cupti==13.0.85")
 FLAVOUR="${EFFNET_TORCH:-cpu}"
@@ -51,10 +54,10 @@ fi
 if [[ $WANT_REFERENCE == 1 ]]; then
   # Python's `import torch` loads cuDNN, cuBLAS, ... so the reference stack needs torch's
   # full dependency set. pip keeps torch itself and only adds what is missing.
-  if ! "$VENV/bin/python" -c "import torch, torchvision, timm, safetensors, numpy" 2>/dev/null; then
-    log "installing the Python reference stack (torchvision, timm, full torch deps)"
+  if ! "$VENV/bin/python" -c "import torch, torchvision, timm, safetensors, numpy, moto, PIL, pyarrow, skimage" 2>/dev/null; then
+    log "installing the Python reference stack (torchvision, timm, full torch deps, moto, pillow, pyarrow, scikit-image)"
     "${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
-      "timm==$TIMM_VERSION" safetensors numpy
+      "timm==$TIMM_VERSION" safetensors numpy "${REFERENCE_EXTRAS[@]}"
   fi
 fi
 
