@@ -21,6 +21,12 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
         if let Some(model_error) = cause.downcast_ref::<effnet_model::Error>() {
             return if model_error.is_bad_input() { 2 } else { 1 };
         }
+        if let Some(data_error) = cause.downcast_ref::<effnet_data::Error>() {
+            return if data_error.is_bad_input() { 2 } else { 1 };
+        }
+        if let Some(store_error) = cause.downcast_ref::<effnet_store::Error>() {
+            return if store_error.is_bad_input() { 2 } else { 1 };
+        }
     }
     1
 }

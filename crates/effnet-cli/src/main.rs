@@ -29,6 +29,11 @@ enum Command {
     /// Inspect EfficientNet variants and run inference with saved weights.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
+    /// Convert idx files, Fashion-MNIST or an image folder into a Parquet dataset.
+    Prepare(commands::data::PrepareArgs),
+    /// Inspect or verify a dataset.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +44,8 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let outcome = match cli.command {
         Command::Model(command) => commands::model::run(command),
+        Command::Prepare(args) => commands::data::prepare(args),
+        Command::Data(command) => commands::data::run(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

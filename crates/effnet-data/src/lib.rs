@@ -8,9 +8,13 @@
 //! - [`rng`]: the crate's own SplitMix64, so orders never change with a dependency.
 
 pub mod error;
+pub mod loader;
 pub mod manifest;
 pub mod plan;
+pub mod prepare;
+pub mod reader;
 pub mod rng;
+pub mod writer;
 
 pub use error::{Error, Result};
 pub use manifest::Manifest;

@@ -1,0 +1,92 @@
+//! Batches from a dataset with one corrupt image among good ones.
+
+use std::collections::BTreeSet;
+
+use effnet_data::loader::{BatchLoader, LoaderOptions, Transform};
+use effnet_data::plan::{EpochPlan, initial_cursors};
+use effnet_data::prepare::encode_grey_png;
+use effnet_data::reader::{Dataset, RankReader};
+use effnet_data::writer::{DatasetWriter, WriterOptions};
+use effnet_vision::{ChannelPolicy, Normalization, RandomResizedCrop, TrainConfig, TrainTransform};
+
+const SAMPLES: usize = 30;
+const CORRUPT: usize = 13;
+
+async fn dataset(url: &str) {
+    let location = effnet_store::open(url).unwrap();
+    let options = WriterOptions { rows_per_group: 8, groups_per_part: 2 };
+    let mut writer =
+        DatasetWriter::create(location, "loader", vec!["a".into(), "b".into()], options).await.unwrap();
+    for i in 0..SAMPLES {
+        let image = if i == CORRUPT {
+            b"\x89PNG\r\n\x1a\n this is not really a png".to_vec()
+        } else {
+            let pixels: Vec<u8> = (0..28 * 28).map(|p| ((p + i * 11) % 251) as u8).collect();
+            encode_grey_png(&pixels, 28, 28).unwrap()
+        };
+        writer.push(format!("img-{i:02}"), image, (i % 2) as i32).await.unwrap();
+    }
+    writer.finish().await.unwrap();
+}
+
+fn transform() -> Transform {
+    Transform::Train(
+        TrainTransform::new(TrainConfig {
+            size: 16,
+            crop: RandomResizedCrop::default(),
+            flip_probability: 0.5,
+            rand_augment: None,
+            normalization: Normalization::FASHION_MNIST,
+            channels: ChannelPolicy::Grey,
+            dct_downscale: false,
+        })
+        .unwrap(),
+    )
+}
+
+async fn epoch(url: &str, threads: usize) -> (Vec<effnet_vision::BatchParts>, Vec<String>) {
+    let dataset = Dataset::open(url).await.unwrap();
+    let plan = EpochPlan::new(1, 0, dataset.row_groups(), 1).unwrap();
+    let reader = RankReader::new(dataset, plan.ranks[0].clone(), initial_cursors(&plan)[0].clone(), 12, 2)
+        .await
+        .unwrap();
+    let options = LoaderOptions { batch_size: 8, threads, seed: 42, epoch: 0 };
+    let mut loader = BatchLoader::new(reader, transform(), options).unwrap();
+    let mut batches = Vec::new();
+    while let Some(batch) = loader.next_batch().await.unwrap() {
+        batches.push(batch);
+    }
+    let skipped = loader.skipped().into_iter().map(|s| s.key).collect();
+    (batches, skipped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_skip_corrupt_samples_and_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("ds").to_string_lossy().into_owned();
+    dataset(&url).await;
+
+    let (batches, skipped) = epoch(&url, 2).await;
+    assert_eq!(skipped, vec![format!("img-{CORRUPT:02}")]);
+    // 29 good samples: batches of 8, 8, 8, 5, each full until the end.
+    let sizes: Vec<usize> = batches.iter().map(|b| b.labels.len()).collect();
+    assert_eq!(sizes, [8, 8, 8, 5]);
+    let keys: Vec<&String> = batches.iter().flat_map(|b| &b.keys).collect();
+    let unique: BTreeSet<&String> = keys.iter().copied().collect();
+    assert_eq!(unique.len(), SAMPLES - 1);
+    for batch in &batches {
+        assert_eq!(batch.shape, [batch.labels.len() as i64, 1, 16, 16]);
+        assert_eq!(batch.pixels.len(), batch.labels.len() * 256);
+        for (key, label) in batch.keys.iter().zip(&batch.labels) {
+            let index: i64 = key["img-".len()..].parse().unwrap();
+            assert_eq!(*label, index % 2);
+        }
+        // Normalised values, not raw bytes.
+        let max = batch.pixels.iter().fold(f32::MIN, |m, v| m.max(*v));
+        assert!(max > 0.5 && max <= (1.0 - 0.286) / 0.353 + 1e-4, "{max}");
+    }
+
+    // Same seed, other thread count: identical batches.
+    let (again, _) = epoch(&url, 1).await;
+    assert_eq!(again, batches);
+}
