@@ -71,10 +71,12 @@ PY
 ln -sfn "$TORCH_DIR" "$VENV/libtorch"
 [[ -f "$VENV/libtorch/lib/libtorch_cpu.so" ]] || { echo "bootstrap: libtorch_cpu.so missing under $VENV/$TORCH_DIR" >&2; exit 1; }
 
-# Debian packages the later crates need (MPI, clang for bindgen); only when root.
-if [[ $(id -u) == 0 && -n "${EFFNET_APT_PACKAGES:-}" ]]; then
+# Debian packages: Fashion-MNIST for the demo and tests, plus any named in EFFNET_APT_PACKAGES.
+# Installed only when root; otherwise a missing one is reported by whatever needs it.
+APT_PACKAGES="dataset-fashion-mnist ${EFFNET_APT_PACKAGES:-}"
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
-  for p in $EFFNET_APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if (( ${#missing[@]} )); then
     log "apt-get install ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
