@@ -255,3 +255,26 @@ async fn wrong_schema_is_named() {
     assert!(matches!(err, Error::Schema { .. }), "{err}");
     assert!(err.to_string().contains("part-00000.parquet") && err.to_string().contains("pixels"), "{err}");
 }
+
+#[tokio::test]
+async fn unreachable_store_is_a_clear_error() {
+    use effnet_store::{Environment, RetrySettings, StoreOptions};
+    // A closed loopback port: nothing listens on port 1.
+    let vars =
+        [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let options = StoreOptions {
+        endpoint: Some("http://127.0.0.1:1".into()),
+        allow_http: Some(true),
+        retry: RetrySettings { max_retries: 0, ..RetrySettings::default() },
+        environment: Environment::Vars(vars),
+        ..StoreOptions::default()
+    };
+    let location = effnet_store::open_with("s3://nowhere/datasets/x", &options).unwrap();
+    let err = Dataset::open_location(location).await.err().unwrap();
+    let message = err.to_string();
+    assert!(message.contains("nowhere") || message.contains("127.0.0.1"), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+}
