@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 IMAGES="${BENCH_IMAGES:-2000}"
 WORKERS="${BENCH_WORKERS:-1 2}"
 WORK="${BENCH_DIR:-.work/bench-loader}"
+mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)"   # cargo bench runs in the crate folder
 PY=.venv/bin/python
 if [[ ! -f "$WORK/dataset/_manifest.json" ]]; then
   rm -rf "$WORK" && mkdir -p "$WORK/folder"
