@@ -3,8 +3,8 @@
 //!
 //! Datasets, checkpoints and logs are all named by URL in job files. [`open`] turns the URL
 //! into a [`StoreLocation`] (store + prefix + scheme); readers and writers then use
-//! [`StoreLocation::path`] and the helpers in [`io`] (or the store directly, e.g. with parquet's
-//! `ParquetObjectReader`), so the same code runs on a laptop directory and on a bucket.
+//! [`StoreLocation::path`] and the helpers in [`io`] (or the store directly, e.g. behind parquet's
+//! `AsyncFileReader` as effnet-data does), so the same code runs on a laptop directory and on a bucket.
 //!
 //! # URL forms
 //!
