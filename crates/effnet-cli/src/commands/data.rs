@@ -27,9 +27,10 @@ pub enum Source {
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
     /// What SRC is.
-    #[arg(long = "from", value_enum)]
+    #[arg(long = "from", value_enum, value_name = "KIND")]
     pub source_kind: Source,
     /// Source path (see --from).
+    #[arg(value_name = "SRC")]
     pub source: Option<PathBuf>,
     /// Dataset URL: a path, file://, memory://, s3://, gs:// or az://.
     #[arg(long)]
