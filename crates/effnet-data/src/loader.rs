@@ -93,6 +93,8 @@ impl BatchLoader {
             }
             let (seed, epoch, transform) = (self.options.seed, self.options.epoch, &self.transform);
             let slots: Vec<_> = buffer.samples_mut().skip(filled).take(raw.len()).collect();
+            // Decoding blocks this task while the pool works; the reader's prefetch requests are
+            // spawned tasks and keep running on the runtime's workers meanwhile.
             let results: Vec<Option<String>> = self.pool.install(|| {
                 slots
                     .into_par_iter()
