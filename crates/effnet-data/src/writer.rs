@@ -202,10 +202,10 @@ impl DatasetWriter {
         if self.part.is_none() {
             let path = format!("part-{:05}.parquet", self.files.len());
             let object = self.location.path(&path)?;
-            let inner = BufWriter::new(self.location.store.clone(), object);
+            let inner = effnet_store::buffered_writer(self.location.store.clone(), &object);
             let sink = HashingWriter { inner, hasher: Sha256::new(), bytes: 0 };
             let writer = AsyncArrowWriter::try_new(sink, self.schema.clone(), Some(self.properties.clone()))
-                .map_err(|e| self.parquet_error(&path, e))?;
+                .map_err(|e| parquet_error(&self.location, &path, e))?;
             self.part = Some(OpenPart { path, writer, groups: 0 });
         }
         let batch = RecordBatch::try_new(
@@ -228,10 +228,6 @@ impl DatasetWriter {
             self.close_part().await?;
         }
         Ok(())
-    }
-
-    fn parquet_error(&self, path: &str, error: parquet::errors::ParquetError) -> Error {
-        parquet_error(&self.location, path, error)
     }
 
     async fn close_part(&mut self) -> Result<()> {

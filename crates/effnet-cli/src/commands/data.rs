@@ -12,6 +12,7 @@ use effnet_data::writer::WriterOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::commands::positive_u32;
 use crate::failure::bad_input;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -76,17 +77,10 @@ fn progress_bar(label: &str) -> ProgressBar {
     bar
 }
 
-fn positive(flag: &str, value: i64) -> anyhow::Result<usize> {
-    usize::try_from(value)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| bad_input!("{flag} must be at least 1, got {value}"))
-}
-
 pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     let options = WriterOptions {
-        rows_per_group: positive("--rows-per-group", args.rows_per_group)?,
-        groups_per_part: positive("--groups-per-part", args.groups_per_part)?,
+        rows_per_group: positive_u32("--rows-per-group", args.rows_per_group)? as usize,
+        groups_per_part: positive_u32("--groups-per-part", args.groups_per_part)? as usize,
     };
     let runtime = runtime()?;
     match args.source_kind {

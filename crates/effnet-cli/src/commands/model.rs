@@ -11,6 +11,7 @@ use effnet_model::{
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn, nn::ModuleT};
 
+use crate::commands::positive_u32;
 use crate::failure::bad_input;
 
 #[derive(Debug, Subcommand)]
@@ -77,13 +78,6 @@ impl ModelArgs {
         config.validate()?;
         Ok(config)
     }
-}
-
-fn positive_u32(flag: &str, value: i64) -> anyhow::Result<u32> {
-    u32::try_from(value)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| bad_input!("{flag} must be a whole number from 1 to {}, got {value}", u32::MAX))
 }
 
 #[derive(Debug, Args)]
