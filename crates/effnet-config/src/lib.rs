@@ -1,0 +1,1 @@
+//! The job spec (placeholder until the schema lands).
