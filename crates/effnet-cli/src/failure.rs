@@ -18,6 +18,12 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<BadInput>().is_some() {
             return 2;
         }
+        if cause.downcast_ref::<effnet_config::ConfigError>().is_some() {
+            return 2;
+        }
+        if let Some(train_error) = cause.downcast_ref::<effnet_train::Error>() {
+            return if train_error.is_bad_input() { 2 } else { 1 };
+        }
         if let Some(model_error) = cause.downcast_ref::<effnet_model::Error>() {
             return if model_error.is_bad_input() { 2 } else { 1 };
         }

@@ -26,6 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a job (YAML) in this process, resuming from its newest committed checkpoint.
+    Run(commands::run::RunArgs),
     /// Inspect EfficientNet variants and run inference with saved weights.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log_format);
     let outcome = match cli.command {
+        Command::Run(args) => commands::run::run(args),
         Command::Model(command) => commands::model::run(command),
         Command::Prepare(args) => commands::data::prepare(args),
         Command::Data(command) => commands::data::run(command),

@@ -48,7 +48,8 @@
 //! Every remote request is retried by object_store with exponential backoff and jitter: up to
 //! **10 retries**, delays from **100 ms** doubling to at most **15 s**, and no retry later than
 //! **3 minutes** after the first attempt. Retried are 5xx and 429 responses, connection errors
-//! and timeouts of read-only requests. Tune with [`RetrySettings`] in [`StoreOptions::retry`].
+//! and timeouts of read-only requests. Tune with [`RetrySettings`] in [`StoreOptions::retry`];
+//! `EFFNET_STORE_MAX_RETRIES` overrides the number of retries (0 fails at the first error).
 //!
 //! # Atomic directories
 //!

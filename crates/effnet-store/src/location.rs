@@ -260,11 +260,8 @@ fn open_s3(url: &str, options: &StoreOptions) -> Result<(Arc<dyn ObjectStore>, P
         builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)),
         "AWS_ALLOW_HTTP",
     )?;
-    let store = builder
-        .with_url(url)
-        .with_retry(options.retry.to_retry_config()?)
-        .build()
-        .map_err(|e| build_error(url, e))?;
+    let store =
+        builder.with_url(url).with_retry(options.retry_config()?).build().map_err(|e| build_error(url, e))?;
     Ok((Arc::new(store), url_prefix(url, &parsed)?))
 }
 
@@ -318,11 +315,8 @@ fn open_gcs(url: &str, options: &StoreOptions) -> Result<(Arc<dyn ObjectStore>, 
         builder.get_config_value(&GoogleConfigKey::Client(ClientConfigKey::AllowHttp)),
         "GOOGLE_ALLOW_HTTP",
     )?;
-    let store = builder
-        .with_url(url)
-        .with_retry(options.retry.to_retry_config()?)
-        .build()
-        .map_err(|e| build_error(url, e))?;
+    let store =
+        builder.with_url(url).with_retry(options.retry_config()?).build().map_err(|e| build_error(url, e))?;
     Ok((Arc::new(store), url_prefix(url, &parsed)?))
 }
 
@@ -380,11 +374,8 @@ fn open_azure(url: &str, options: &StoreOptions) -> Result<(Arc<dyn ObjectStore>
         builder.get_config_value(&AzureConfigKey::Client(ClientConfigKey::AllowHttp)),
         "AZURE_ALLOW_HTTP",
     )?;
-    let store = builder
-        .with_url(url)
-        .with_retry(options.retry.to_retry_config()?)
-        .build()
-        .map_err(|e| build_error(url, e))?;
+    let store =
+        builder.with_url(url).with_retry(options.retry_config()?).build().map_err(|e| build_error(url, e))?;
     Ok((Arc::new(store), url_prefix(url, &parsed)?))
 }
 
@@ -421,7 +412,7 @@ fn open_http(url: &str, options: &StoreOptions) -> Result<(Arc<dyn ObjectStore>,
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(invalid(url, "no host"));
     }
-    let mut builder = HttpBuilder::new().with_url(url).with_retry(options.retry.to_retry_config()?);
+    let mut builder = HttpBuilder::new().with_url(url).with_retry(options.retry_config()?);
     if let Some(allow_http) = options.allow_http {
         builder = builder.with_config(ClientConfigKey::AllowHttp, allow_http.to_string());
     } else if parsed.scheme() == "http" {

@@ -41,6 +41,25 @@ pub struct StoreOptions {
     pub environment: Environment,
 }
 
+/// Overrides [`RetrySettings::max_retries`] from the environment, e.g. `0` to fail fast in
+/// scripts and tests or a larger number on a flaky network.
+pub const MAX_RETRIES_VAR: &str = "EFFNET_STORE_MAX_RETRIES";
+
+impl StoreOptions {
+    /// The retry configuration: [`StoreOptions::retry`], with `max_retries` replaced by
+    /// [`MAX_RETRIES_VAR`] when that variable is set in [`StoreOptions::environment`].
+    pub fn retry_config(&self) -> Result<RetryConfig> {
+        let mut retry = self.retry.clone();
+        if let Some(value) = self.environment.var(MAX_RETRIES_VAR) {
+            retry.max_retries = value.trim().parse().map_err(|_| Error::InvalidOption {
+                name: MAX_RETRIES_VAR.into(),
+                reason: format!("must be a whole number, got '{value}'"),
+            })?;
+        }
+        retry.to_retry_config()
+    }
+}
+
 /// The source of credential environment variables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Environment {
@@ -167,6 +186,18 @@ mod tests {
         assert_eq!(config.backoff.max_backoff, Duration::from_secs(15));
         assert_eq!(config.backoff.base, 2.0);
         assert_eq!(config.retry_timeout, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn max_retries_can_come_from_the_environment() {
+        let vars = |value: &str| Environment::Vars([(MAX_RETRIES_VAR.to_string(), value.to_string())].into());
+        let options = StoreOptions { environment: vars("0"), ..Default::default() };
+        assert_eq!(options.retry_config().unwrap().max_retries, 0);
+        let options = StoreOptions { environment: Environment::empty(), ..Default::default() };
+        assert_eq!(options.retry_config().unwrap().max_retries, 10);
+        let options = StoreOptions { environment: vars("lots"), ..Default::default() };
+        let message = options.retry_config().unwrap_err().to_string();
+        assert!(message.contains(MAX_RETRIES_VAR) && message.contains("'lots'"), "{message}");
     }
 
     #[test]

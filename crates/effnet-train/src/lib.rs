@@ -1,1 +1,25 @@
-//! The trainer.
+//! The trainer: one process training EfficientNet from a job spec, with the paper's recipe,
+//! exact resume and asynchronous checkpoints to any store.
+//!
+//! # Layout
+//! - [`trainer`]: [`trainer::run`] (prepare, restore, the loop) and [`trainer::check`].
+//! - [`feed`]: the data feed (read → decode → augment on the I/O runtime), cursor per batch.
+//! - [`optim`]: RMSProp-TF, SGD (Nesterov) and AdamW with named, checkpointable state.
+//! - [`schedule`]: learning rate (warm-up, exponential, cosine) and the drop-path ramp.
+//! - [`ema`]: the weight average, kept in a second model.
+//! - [`checkpoint`]: `step-NNNNNNNN/` directories with a `COMMIT` marker; keep last/best k.
+//! - [`tensors`]: named tensors to and from safetensors bytes.
+//! - [`metrics`]: `metrics.jsonl` / `samples.jsonl` in the job directory.
+
+pub mod checkpoint;
+pub mod ema;
+pub mod error;
+pub mod feed;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod tensors;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use trainer::{ResumeFrom, RunOptions, RunPlan, RunSummary, check, run};

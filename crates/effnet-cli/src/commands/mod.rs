@@ -1,5 +1,6 @@
 pub mod data;
 pub mod model;
+pub mod run;
 
 use crate::failure::bad_input;
 

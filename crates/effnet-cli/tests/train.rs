@@ -1,0 +1,324 @@
+//! `effnet run` end to end: exact resume after SIGKILL, checkpoint compatibility, bad job files,
+//! and learning on real Fashion-MNIST.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_bad_input, effnet, workspace_root};
+use effnet_data::prepare::encode_grey_png;
+use effnet_data::writer::{DatasetWriter, WriterOptions};
+
+const CLASSES: usize = 4;
+
+/// A learnable grey dataset: class `c` lights up quadrant `c` of a 16×16 image, plus noise.
+fn synthetic_dataset(url: &str, samples: usize, salt: usize) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let location = effnet_store::open(url).unwrap();
+        let classes = (0..CLASSES).map(|c| format!("quadrant-{c}")).collect();
+        let options = WriterOptions { rows_per_group: 16, groups_per_part: 4 };
+        let mut writer = DatasetWriter::create(location, "synthetic", classes, options).await.unwrap();
+        for i in 0..samples {
+            let label = i % CLASSES;
+            let pixels: Vec<u8> = (0..256)
+                .map(|p| {
+                    let (x, y) = (p % 16, p / 16);
+                    let quadrant = (y / 8) * 2 + x / 8;
+                    let noise = ((p * 31 + i * 17 + salt * 7) % 41) as u8;
+                    if quadrant == label { 180 + noise } else { noise }
+                })
+                .collect();
+            let image = encode_grey_png(&pixels, 16, 16).unwrap();
+            writer.push(format!("s{salt}-{i:04}"), image, label as i32).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+    });
+}
+
+struct Job {
+    dir: PathBuf,
+    yaml: PathBuf,
+}
+
+impl Job {
+    fn checkpoints(&self) -> PathBuf {
+        self.dir.join("job/checkpoints")
+    }
+
+    fn checkpoint_file(&self, step: u64, name: &str) -> Vec<u8> {
+        std::fs::read(self.checkpoints().join(format!("step-{step:08}")).join(name)).unwrap()
+    }
+
+    fn run(&self, extra: &[&str]) -> common::Outcome {
+        let mut args = vec!["run", self.yaml.to_str().unwrap(), "--progress", "never"];
+        args.extend_from_slice(extra);
+        effnet(&args)
+    }
+
+    /// The keys of every step, taking each step from the latest attempt that logged it.
+    fn sample_keys(&self) -> BTreeMap<u64, Vec<String>> {
+        let text = std::fs::read_to_string(self.dir.join("job/samples.jsonl")).unwrap();
+        let mut by_step: BTreeMap<u64, (u64, Vec<String>)> = BTreeMap::new();
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let step = value["step"].as_u64().unwrap();
+            let attempt = value["attempt"].as_u64().unwrap();
+            let keys =
+                value["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+            if by_step.get(&step).is_none_or(|(seen, _)| *seen <= attempt) {
+                by_step.insert(step, (attempt, keys));
+            }
+        }
+        by_step.into_iter().map(|(step, (_, keys))| (step, keys)).collect()
+    }
+}
+
+/// A job over the synthetic dataset in `data`; `body` overrides are appended as YAML.
+fn job(data: &Path, variant: &str, steps: u64) -> Job {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let yaml = dir.join("job.yaml");
+    let text = format!(
+        "name: resume-test
+job_dir: {job}
+seed: 7
+model:
+  variant: {variant}
+  input_channels: 1
+  resolution: 16
+  dropout: 0.2
+  drop_path:
+    rate: 0.2
+data:
+  train: {train}
+  val: {val}
+  batch_size: 8
+  loader_threads: 2
+  shuffle_buffer: 40
+  prefetch: 2
+  normalization: fashion_mnist
+  log_sample_keys: true
+  augmentation:
+    crop_scale: [0.5, 1.0]
+optimizer:
+  kind: rmsprop_tf
+  lr: 0.05
+schedule:
+  warmup_steps: 3
+  decay_epochs: 0.5
+training:
+  steps: {steps}
+  threads: 1
+  ema:
+    decay: 0.99
+eval:
+  every_steps: 6
+  max_samples: 16
+checkpoint:
+  every_steps: 4
+  keep_last: 20
+",
+        job = dir.join("job").display(),
+        train = data.join("train").display(),
+        val = data.join("val").display(),
+    );
+    std::fs::write(&yaml, text).unwrap();
+    Job { dir, yaml }
+}
+
+fn data_dir() -> PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    synthetic_dataset(dir.join("train").to_str().unwrap(), 96, 0);
+    synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1);
+    dir
+}
+
+#[test]
+fn killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
+    let data = data_dir();
+    // 96 samples / batch 8 = 12 steps per epoch: 26 steps cross two epoch boundaries.
+    let straight = job(&data, "b0", 26);
+    let outcome = straight.run(&[]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(outcome.stdout.contains("trained          26 steps"), "{}", outcome.stdout);
+
+    let interrupted = job(&data, "b0", 26);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["run", interrupted.yaml.to_str().unwrap(), "--progress", "never"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = interrupted.checkpoints().join("step-00000008/COMMIT");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(Instant::now() < deadline, "no checkpoint at step 8");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(status.code().is_none(), "killed by a signal, not exited: {status:?}");
+    assert!(!interrupted.checkpoints().join("step-00000026/COMMIT").exists());
+
+    let resumed = interrupted.run(&[]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    let resumed_from: u64 = resumed
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("resumed from     step "))
+        .expect("the run says where it resumed")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((8..26).contains(&resumed_from), "resumed from {resumed_from}");
+
+    for file in ["model.safetensors", "optimizer.safetensors", "ema.safetensors"] {
+        assert!(
+            straight.checkpoint_file(26, file) == interrupted.checkpoint_file(26, file),
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+    let keys = straight.sample_keys();
+    assert_eq!(keys.len(), 26);
+    assert_eq!(keys, interrupted.sample_keys());
+    // Each epoch sees every training sample exactly once (12 steps × 8 = 96).
+    let mut first_epoch: Vec<&String> = (0..12).flat_map(|s| &keys[&s]).collect();
+    first_epoch.sort();
+    first_epoch.dedup();
+    assert_eq!(first_epoch.len(), 96);
+
+    // The metrics log records both attempts.
+    let metrics = std::fs::read_to_string(interrupted.dir.join("job/metrics.jsonl")).unwrap();
+    let starts = metrics.lines().filter(|l| l.contains("\"type\":\"start\"")).count();
+    assert_eq!(starts, 2);
+
+    // A job for another model refuses this checkpoint and writes nothing.
+    let other = job(&data, "b1", 26);
+    let url = interrupted.checkpoints().join("step-00000008").display().to_string();
+    let refused = other.run(&["--resume", &url]);
+    assert_bad_input(&refused, &["step-00000008", "EfficientNet-B0", "EfficientNet-B1"]);
+    assert!(!other.dir.join("job").exists(), "a refused run must not create its job directory");
+}
+
+#[test]
+fn check_validates_without_writing() {
+    let data = data_dir();
+    let job = job(&data, "b0", 10);
+    let outcome = effnet(&["run", job.yaml.to_str().unwrap(), "--check"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert!(
+        outcome.stdout.contains("steps            10 (12 per epoch, global batch 8)"),
+        "{}",
+        outcome.stdout
+    );
+    assert!(outcome.stdout.contains("96 training samples, 32 validation samples"), "{}", outcome.stdout);
+    assert!(outcome.stdout.ends_with(": ok\n"), "{}", outcome.stdout);
+    assert!(!job.dir.join("job").exists());
+}
+
+/// Write `yaml` as a job file and run it; it must fail with exit 2, one line naming `needles`,
+/// and leave no job directory behind.
+fn assert_rejected(yaml: &str, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, yaml.replace("JOB_DIR", &dir.path().join("job").display().to_string())).unwrap();
+    let outcome = effnet(&["run", path.to_str().unwrap(), "--progress", "never"]);
+    assert_bad_input(&outcome, needles);
+    assert!(!dir.path().join("job").exists(), "nothing may be written for a rejected job");
+}
+
+const VALID_HEAD: &str = "name: bad\njob_dir: JOB_DIR\nmodel:\n  variant: b0\n";
+
+#[test]
+fn bad_job_files_are_rejected_with_field_and_position() {
+    assert_rejected(&format!("{VALID_HEAD}data:\n  train: [unclosed\n"), &["job.yaml:6:"]);
+    assert_rejected(
+        &format!("{VALID_HEAD}  dropuot: 0.3\ndata:\n  train: x\n"),
+        &["job.yaml:5:3", "model.dropuot", "unknown field"],
+    );
+    assert_rejected(
+        &format!("{VALID_HEAD}data:\n  train: x\n  batch_size: many\n"),
+        &["job.yaml:7:15", "data.batch_size"],
+    );
+    assert_rejected(
+        &format!("{VALID_HEAD}data:\n  train: x\n  batch_size: -64\n"),
+        &["job.yaml:7:15", "data.batch_size", "-64", "positive integer"],
+    );
+    let missing = tempfile::tempdir().unwrap();
+    let url = missing.path().join("no-such-dataset").display().to_string();
+    assert_rejected(&format!("{VALID_HEAD}data:\n  train: {url}\n"), &["data.train", &url]);
+}
+
+#[test]
+fn unreachable_data_url_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    let job_dir = dir.path().join("job");
+    // An S3 endpoint on a closed loopback port, with retries off so the test is quick.
+    std::fs::write(
+        &path,
+        format!(
+            "name: bad\njob_dir: {}\nmodel:\n  variant: b0\ndata:\n  train: s3://nowhere/fmnist\n",
+            job_dir.display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["run", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("EFFNET_STORE_MAX_RETRIES", "0")
+        .output()
+        .unwrap();
+    let outcome = common::Outcome {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_bad_input(&outcome, &["data.train", "s3://nowhere/fmnist"]);
+    assert!(!job_dir.exists());
+}
+
+/// B0 at 32×32 on real Fashion-MNIST (one input channel) learns: a few hundred steps reach a
+/// validation top-1 far above chance. The full two-epoch figure is in docs/benchmarks.md.
+#[test]
+fn learns_fashion_mnist() {
+    let source = Path::new("/usr/share/datasets/fashion-mnist");
+    assert!(
+        source.is_dir(),
+        "Debian's dataset-fashion-mnist is not installed; run scripts/bootstrap.sh as root (it installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fmnist");
+    let prepared = effnet(&["prepare", "--from", "fashion-mnist", "--out", data.to_str().unwrap()]);
+    assert_eq!(prepared.code, 0, "{}", prepared.stderr);
+    let config = std::fs::read_to_string(workspace_root().join("configs/fashion-mnist-b0.yaml")).unwrap();
+    let yaml = config
+        .replace(".work/runs/fashion-mnist-b0", &dir.path().join("job").display().to_string())
+        .replace(".work/fashion-mnist/train", &data.join("train").display().to_string())
+        .replace(".work/fashion-mnist/test", &data.join("test").display().to_string())
+        .replace("  epochs: 2\n", "  steps: 300\n")
+        .replace("  every_epochs: 1\n", "  every_epochs: 1\n  max_samples: 2000\n");
+    assert!(
+        yaml.contains("steps: 300") && yaml.contains("max_samples: 2000"),
+        "the demo config changed shape"
+    );
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let outcome = effnet(&["run", path.to_str().unwrap(), "--progress", "never", "--json"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let summary: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
+    let top1 = summary["val"]["top1"].as_f64().unwrap();
+    assert_eq!(summary["val"]["samples"], 2000);
+    assert_eq!(summary["steps"], 300);
+    assert!(top1 >= 0.70, "validation top-1 after 300 steps is only {top1}");
+}

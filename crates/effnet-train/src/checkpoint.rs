@@ -1,0 +1,286 @@
+//! Checkpoints in any store: `step-NNNNNNNN/` directories committed by a `COMMIT` marker.
+//!
+//! A checkpoint directory holds `model.safetensors`, `optimizer.safetensors`, `ema.safetensors`
+//! (when EMA is on) and `state.json`, and **last** `COMMIT`: JSON with the step, the validation
+//! metric and the size and SHA-256 of every other file. Object stores have no rename, so the
+//! marker is the atomicity point: a directory without a parseable `COMMIT` does not exist, and a
+//! committed one whose files do not match their checksums is skipped (with a warning) in favour
+//! of the previous one. Purging deletes `COMMIT` first, so a half-deleted checkpoint is never
+//! mistaken for a whole one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use bytes::Bytes;
+use effnet_store::{COMMIT_MARKER, StoreLocation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const EMA_FILE: &str = "ema.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const COMMIT_FORMAT: u32 = 1;
+
+/// The directory name of the checkpoint taken after `step` optimiser steps.
+pub fn directory_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn parse_directory_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    (digits.len() >= 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The content of `COMMIT`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Commit {
+    pub format: u32,
+    pub step: u64,
+    /// Validation top-1 of the raw weights at this step, when evaluated (ranks "best k").
+    pub metric: Option<f64>,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// A committed checkpoint found in the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Committed {
+    pub step: u64,
+    pub url: String,
+    pub commit: Commit,
+}
+
+/// Timing and size of one save, for the metrics log.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SaveStats {
+    pub step: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checkpoints under one URL.
+#[derive(Clone, Debug)]
+pub struct CheckpointStore {
+    pub location: StoreLocation,
+}
+
+impl CheckpointStore {
+    pub fn new(location: StoreLocation) -> CheckpointStore {
+        CheckpointStore { location }
+    }
+
+    pub fn url_of(&self, step: u64) -> String {
+        format!("{}/{}", self.location.url.trim_end_matches('/'), directory_name(step))
+    }
+
+    /// Write every file, then the marker. `files` must not contain `COMMIT`.
+    pub async fn save(
+        &self,
+        step: u64,
+        metric: Option<f64>,
+        files: Vec<(String, Bytes)>,
+    ) -> Result<SaveStats> {
+        let started = Instant::now();
+        let directory = directory_name(step);
+        let store = self.location.store.as_ref();
+        let mut digests = BTreeMap::new();
+        let mut total = 0;
+        for (name, content) in files {
+            let digest = FileDigest { bytes: content.len() as u64, sha256: sha256_hex(&content) };
+            total += digest.bytes;
+            effnet_store::put_bytes(store, &self.location.path(&format!("{directory}/{name}"))?, content)
+                .await?;
+            digests.insert(name, digest);
+        }
+        let commit = Commit { format: COMMIT_FORMAT, step, metric, files: digests };
+        let marker = serde_json::to_vec_pretty(&commit).map_err(|e| Error::Internal(e.to_string()))?;
+        effnet_store::write_marker(
+            store,
+            &self.location.path(&format!("{directory}/{COMMIT_MARKER}"))?,
+            marker,
+        )
+        .await?;
+        Ok(SaveStats { step, bytes: total, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// Step directories present (committed or not), ascending.
+    async fn directories(&self) -> Result<BTreeMap<u64, Vec<object_store::path::Path>>> {
+        let root = self.location.path("")?;
+        let mut found: BTreeMap<u64, Vec<object_store::path::Path>> = BTreeMap::new();
+        for object in effnet_store::list_prefix(self.location.store.as_ref(), &root).await? {
+            let relative: Vec<_> =
+                object.location.prefix_match(&root).map(|parts| parts.collect()).unwrap_or_default();
+            if relative.len() != 2 {
+                continue;
+            }
+            if let Some(step) = parse_directory_name(relative[0].as_ref()) {
+                found.entry(step).or_default().push(object.location.clone());
+            }
+        }
+        Ok(found)
+    }
+
+    /// Committed checkpoints (a parseable `COMMIT` for the directory's own step), ascending.
+    pub async fn committed(&self) -> Result<Vec<Committed>> {
+        let mut out = Vec::new();
+        for (step, objects) in self.directories().await? {
+            if !objects.iter().any(|p| p.filename() == Some(COMMIT_MARKER)) {
+                continue;
+            }
+            let marker_path = self.location.path(&format!("{}/{COMMIT_MARKER}", directory_name(step)))?;
+            let Some(bytes) = effnet_store::read_marker(self.location.store.as_ref(), &marker_path).await?
+            else {
+                continue;
+            };
+            match serde_json::from_slice::<Commit>(&bytes) {
+                Ok(commit) if commit.step == step && commit.format == COMMIT_FORMAT => {
+                    out.push(Committed { step, url: self.url_of(step), commit })
+                }
+                _ => {
+                    tracing::warn!(url = %self.url_of(step), "ignoring a checkpoint with an unreadable COMMIT")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read and verify one committed checkpoint's files.
+    pub async fn load(&self, checkpoint: &Committed) -> Result<HashMap<String, Bytes>> {
+        Ok(load_directory(&self.location, &directory_name(checkpoint.step), &checkpoint.url).await?.1)
+    }
+
+    /// The newest committed checkpoint whose files match their checksums; newer ones that do not
+    /// are reported and skipped.
+    pub async fn latest(&self) -> Result<Option<(Committed, HashMap<String, Bytes>)>> {
+        for checkpoint in self.committed().await?.into_iter().rev() {
+            match self.load(&checkpoint).await {
+                Ok(files) => return Ok(Some((checkpoint, files))),
+                Err(Error::BadCheckpoint { url, reason }) => {
+                    tracing::warn!(%url, %reason, "skipping a damaged checkpoint; trying the previous one")
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keep the newest `keep_last` and the `keep_best` with the highest metric; delete the other
+    /// committed checkpoints and uncommitted directories older than the newest commit (leftovers
+    /// of interrupted saves). Returns the steps deleted.
+    pub async fn purge(&self, keep_last: usize, keep_best: usize) -> Result<Vec<u64>> {
+        let committed = self.committed().await?;
+        let mut keep: Vec<u64> = committed.iter().rev().take(keep_last).map(|c| c.step).collect();
+        let mut ranked: Vec<&Committed> = committed.iter().filter(|c| c.commit.metric.is_some()).collect();
+        ranked.sort_by(|a, b| {
+            b.commit
+                .metric
+                .partial_cmp(&a.commit.metric)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(b.step.cmp(&a.step))
+        });
+        keep.extend(ranked.iter().take(keep_best).map(|c| c.step));
+        let newest = committed.last().map(|c| c.step);
+        let mut deleted = Vec::new();
+        let store = self.location.store.as_ref();
+        for (step, mut objects) in self.directories().await? {
+            let is_committed = committed.iter().any(|c| c.step == step);
+            let stale = if is_committed { !keep.contains(&step) } else { newest.is_some_and(|n| step < n) };
+            if !stale {
+                continue;
+            }
+            // COMMIT first: from that moment the directory no longer counts as a checkpoint.
+            objects.sort_by_key(|p| p.filename() != Some(COMMIT_MARKER));
+            for object in objects {
+                effnet_store::delete(store, &object).await?;
+            }
+            deleted.push(step);
+        }
+        Ok(deleted)
+    }
+}
+
+/// Load the files of the checkpoint directory `directory` (relative to `location`; empty when
+/// the location is the directory itself) and verify them against its `COMMIT`.
+pub async fn load_directory(
+    location: &StoreLocation,
+    directory: &str,
+    url: &str,
+) -> Result<(Commit, HashMap<String, Bytes>)> {
+    let bad = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
+    let join =
+        |name: &str| if directory.is_empty() { name.to_string() } else { format!("{directory}/{name}") };
+    let store = location.store.as_ref();
+    let marker =
+        effnet_store::read_marker(store, &location.path(&join(COMMIT_MARKER))?).await?.ok_or_else(|| {
+            bad(format!("no {COMMIT_MARKER} marker (never committed, or interrupted while saving)"))
+        })?;
+    let commit: Commit =
+        serde_json::from_slice(&marker).map_err(|e| bad(format!("unreadable {COMMIT_MARKER}: {e}")))?;
+    let mut files = HashMap::new();
+    for (name, digest) in &commit.files {
+        let content = match effnet_store::get_bytes(store, &location.path(&join(name))?).await {
+            Ok(content) => content,
+            Err(effnet_store::Error::NotFound { .. }) => return Err(bad(format!("{name} is missing"))),
+            Err(other) => return Err(other.into()),
+        };
+        if content.len() as u64 != digest.bytes || sha256_hex(&content) != digest.sha256 {
+            return Err(bad(format!("{name} does not match the checksum in {COMMIT_MARKER}")));
+        }
+        files.insert(name.clone(), content);
+    }
+    Ok((commit, files))
+}
+
+/// The checkpoints under `url`, or `None` for a local directory that does not exist yet (opening
+/// it would create it).
+pub fn existing(url: &str) -> Result<Option<CheckpointStore>> {
+    if !local_directory_exists(url)? {
+        return Ok(None);
+    }
+    Ok(Some(CheckpointStore::new(effnet_store::open(url)?)))
+}
+
+fn local_directory_exists(url: &str) -> Result<bool> {
+    use effnet_store::location::{Scheme, local_directory};
+    if Scheme::of(url)? != Scheme::File {
+        return Ok(true);
+    }
+    let here = std::env::current_dir().map_err(|source| Error::Io { path: ".".into(), source })?;
+    Ok(local_directory(url, &here)?.is_dir())
+}
+
+/// Open a single checkpoint directory by URL (`--resume URL`) and load it.
+pub async fn load_url(url: &str) -> Result<(Commit, HashMap<String, Bytes>)> {
+    if !local_directory_exists(url)? {
+        return Err(Error::BadCheckpoint { url: url.to_string(), reason: "no such directory".into() });
+    }
+    let location = effnet_store::open(url)?;
+    load_directory(&location, "", url).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_names() {
+        assert_eq!(directory_name(1234), "step-00001234");
+        assert_eq!(parse_directory_name("step-00001234"), Some(1234));
+        assert_eq!(parse_directory_name("step-123456789"), Some(123_456_789));
+        assert_eq!(parse_directory_name("step-12"), None);
+        assert_eq!(parse_directory_name("step-0000001x"), None);
+        assert_eq!(parse_directory_name("other"), None);
+    }
+}

@@ -1,0 +1,57 @@
+//! Errors of the trainer. Each message fits on one line and names the offending field, URL or file.
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The job asks for something that cannot work (`what` is the job field).
+    #[error("{what}: {reason}")]
+    InvalidJob { what: String, reason: String },
+
+    /// The checkpoint exists but was written for another model or job.
+    #[error("checkpoint {url} does not fit this job: {reason}")]
+    IncompatibleCheckpoint { url: String, reason: String },
+
+    /// A checkpoint that cannot be used: not committed, checksum mismatch, unreadable content.
+    #[error("checkpoint {url}: {reason}")]
+    BadCheckpoint { url: String, reason: String },
+
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+
+    #[error(transparent)]
+    Data(#[from] effnet_data::Error),
+
+    #[error(transparent)]
+    Store(#[from] effnet_store::Error),
+
+    #[error(transparent)]
+    Model(#[from] effnet_model::Error),
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// True when the error is caused by what the user passed in (job file, URLs, checkpoints),
+    /// so the command line exits with status 2.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::InvalidJob { .. } | Error::IncompatibleCheckpoint { .. } | Error::BadCheckpoint { .. } => {
+                true
+            }
+            Error::Data(error) => error.is_bad_input(),
+            Error::Store(error) => error.is_bad_input(),
+            Error::Model(error) => error.is_bad_input(),
+            Error::Io { .. } | Error::Torch(_) | Error::Internal(_) => false,
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::InvalidJob { what: what.into(), reason: reason.into() }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

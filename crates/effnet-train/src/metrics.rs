@@ -1,0 +1,80 @@
+//! The job directory's logs: `metrics.jsonl` (one JSON object per line: `start`, `step`, `eval`,
+//! `checkpoint`, `skipped`, `end`) and, when asked for, `samples.jsonl` (the keys of every step's
+//! batch, for proving exactly-once). Lines carry the `attempt` number: a resumed run appends with
+//! the next attempt, so steps redone after a crash show up twice and the report can count the time
+//! lost.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, LineWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SAMPLES_FILE: &str = "samples.jsonl";
+
+pub struct MetricsLog {
+    path: PathBuf,
+    metrics: LineWriter<File>,
+    samples: Option<LineWriter<File>>,
+    pub attempt: u64,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+fn append(path: &Path) -> Result<LineWriter<File>> {
+    let file = OpenOptions::new().create(true).append(true).open(path).map_err(io_error(path))?;
+    Ok(LineWriter::new(file))
+}
+
+/// How many runs have started in this job directory (`start` lines in the metrics log).
+pub fn previous_attempts(job_dir: &Path) -> u64 {
+    let Ok(file) = File::open(job_dir.join(METRICS_FILE)) else { return 0 };
+    BufReader::new(file)
+        .lines()
+        .map_while(|line| line.ok())
+        .filter(|line| serde_json::from_str::<Value>(line).is_ok_and(|v| v["type"] == "start"))
+        .count() as u64
+}
+
+impl MetricsLog {
+    pub fn open(job_dir: &Path, log_samples: bool) -> Result<MetricsLog> {
+        std::fs::create_dir_all(job_dir).map_err(io_error(job_dir))?;
+        let attempt = previous_attempts(job_dir) + 1;
+        let path = job_dir.join(METRICS_FILE);
+        let metrics = append(&path)?;
+        let samples = if log_samples { Some(append(&job_dir.join(SAMPLES_FILE))?) } else { None };
+        Ok(MetricsLog { path, metrics, samples, attempt })
+    }
+
+    /// Write one record of `kind` with the fields of `record` (an object) plus attempt and time.
+    pub fn write(&mut self, kind: &str, record: impl Serialize) -> Result<()> {
+        let mut value = serde_json::to_value(record).map_err(|e| Error::Internal(e.to_string()))?;
+        let object = value
+            .as_object_mut()
+            .ok_or_else(|| Error::Internal("metrics record must be an object".into()))?;
+        object.insert("type".into(), json!(kind));
+        object.insert("attempt".into(), json!(self.attempt));
+        object.insert("time".into(), json!(unix_time()));
+        let line = serde_json::to_string(&value).map_err(|e| Error::Internal(e.to_string()))?;
+        writeln!(self.metrics, "{line}").map_err(io_error(&self.path))
+    }
+
+    pub fn write_samples(&mut self, step: u64, keys: &[String]) -> Result<()> {
+        let attempt = self.attempt;
+        if let Some(samples) = &mut self.samples {
+            let line = json!({ "attempt": attempt, "step": step, "keys": keys });
+            writeln!(samples, "{line}").map_err(|source| Error::Io { path: SAMPLES_FILE.into(), source })?;
+        }
+        Ok(())
+    }
+}
+
+pub fn unix_time() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

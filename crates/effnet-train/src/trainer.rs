@@ -1,0 +1,900 @@
+//! The training loop: prepare (validate everything, restore a checkpoint), then step, maybe
+//! evaluate, maybe checkpoint, until the planned number of steps.
+//!
+//! Everything a resume needs is a function of the step or lives in the checkpoint: the learning
+//! rate and drop-path multiplier are computed from the step, libtorch's generator (drop path,
+//! dropout) is reseeded from (job seed, step) before every forward pass, and the data cursor, model,
+//! optimiser slots and EMA are saved. So a run killed and resumed from step k ends with the same
+//! bits as one that never stopped.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use effnet_config::{JobSpec, Span};
+use effnet_data::loader::{BatchLoader, LoaderOptions, Transform};
+use effnet_data::plan::initial_cursors;
+use effnet_data::reader::{Dataset, RankReader};
+use effnet_data::{DataCursor, EpochPlan};
+use effnet_model::{EfficientNet, EfficientNetConfig};
+use effnet_vision::{
+    ChannelPolicy, EvalConfig, EvalTransform, Normalization, RandAugment, RandomResizedCrop, TrainConfig,
+    TrainTransform,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::checkpoint::{self, CheckpointStore, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, SaveStats};
+use crate::ema::Ema;
+use crate::error::{Error, Result};
+use crate::feed::{self, Feed, FeedSettings};
+use crate::metrics::MetricsLog;
+use crate::optim::{Optimizer, OptimizerRule};
+use crate::schedule::{Decay, DropPathRamp, LrSchedule};
+use crate::tensors::{from_safetensors, load_into, sorted_variables, to_safetensors};
+
+/// Where a run starts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResumeFrom {
+    /// The newest committed checkpoint of the job, or step 0 when there is none.
+    Latest,
+    /// One checkpoint directory by URL.
+    Url(String),
+    /// Step 0; the job's existing checkpoints are deleted first.
+    Fresh,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub resume: ResumeFrom,
+    /// Show a progress bar (`None`: the job's setting, else when stderr is a terminal).
+    pub progress: Option<bool>,
+}
+
+/// What identifies a model's tensors: a checkpoint of another identity cannot be loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub architecture: String,
+    pub classes: u32,
+    pub input_channels: u32,
+    pub parameters: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    pub samples: u64,
+    pub images_per_s: f64,
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: u32,
+    pub step: u64,
+    pub epoch: u64,
+    pub samples_seen: u64,
+    pub data: Option<DataCursor>,
+    pub seed: u64,
+    pub model: ModelIdentity,
+    pub config_hash: String,
+    pub optimizer_steps: u64,
+    pub ema_updates: Option<u64>,
+    pub world_size: u32,
+    pub val: Option<EvalMetrics>,
+    pub val_ema: Option<EvalMetrics>,
+}
+
+/// The plan derived from a job spec: numbers a user can check with `effnet run --check`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunPlan {
+    pub job: String,
+    pub job_dir: PathBuf,
+    pub model: ModelIdentity,
+    pub resolution: u32,
+    pub train_samples: u64,
+    pub val_samples: Option<u64>,
+    pub global_batch: u64,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub schedule: LrSchedule,
+    pub drop_path: DropPathRamp,
+    pub eval_every_steps: Option<u64>,
+    pub checkpoint_url: String,
+    pub multiply_adds: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub plan: RunPlan,
+    pub resumed_from: Option<u64>,
+    pub steps: u64,
+    pub val: Option<EvalMetrics>,
+    pub val_ema: Option<EvalMetrics>,
+    pub train_images_per_s: f64,
+    pub data_wait_fraction: f64,
+    pub wall_s: f64,
+    pub skipped_samples: u64,
+    pub checkpoints: Vec<SaveStats>,
+}
+
+const STATE_FORMAT: u32 = 1;
+
+fn model_config(spec: &JobSpec, classes: u32) -> EfficientNetConfig {
+    let model = &spec.model;
+    let base = match (model.variant, model.phi) {
+        (Some(variant), _) => EfficientNetConfig::named(effnet_model::Variant::ALL[variant_index(variant)]),
+        (None, phi) => EfficientNetConfig::custom(
+            phi.unwrap_or(0.0),
+            effnet_model::CompoundCoefficients { alpha: model.alpha, beta: model.beta, gamma: model.gamma },
+        ),
+    };
+    let batch_norm = match model.batch_norm {
+        effnet_config::BatchNormStyle::Torchvision => effnet_model::BatchNormStyle::Torchvision,
+        effnet_config::BatchNormStyle::Tf => effnet_model::BatchNormStyle::Tf,
+        effnet_config::BatchNormStyle::Pytorch => effnet_model::BatchNormStyle::Pytorch,
+    };
+    base.with_classes(classes)
+        .with_input_channels(model.input_channels)
+        .with_dropout(model.dropout())
+        .with_drop_path_rate(model.drop_path.rate)
+        .with_batch_norm(batch_norm)
+}
+
+fn variant_index(variant: effnet_config::Variant) -> usize {
+    use effnet_config::Variant::*;
+    match variant {
+        B0 => 0,
+        B1 => 1,
+        B2 => 2,
+        B3 => 3,
+        B4 => 4,
+        B5 => 5,
+        B6 => 6,
+        B7 => 7,
+    }
+}
+
+fn normalization(spec: &JobSpec) -> Normalization {
+    match spec.data.normalization {
+        effnet_config::NormalizationKind::Imagenet => Normalization::IMAGENET,
+        effnet_config::NormalizationKind::FashionMnist => Normalization::FASHION_MNIST,
+    }
+}
+
+fn channels(spec: &JobSpec) -> ChannelPolicy {
+    if spec.model.input_channels == 1 { ChannelPolicy::Grey } else { ChannelPolicy::Rgb }
+}
+
+fn train_transform(spec: &JobSpec) -> Result<Transform> {
+    let augmentation = &spec.data.augmentation;
+    let config = TrainConfig {
+        size: spec.model.resolution(),
+        crop: RandomResizedCrop {
+            scale: (augmentation.crop_scale[0], augmentation.crop_scale[1]),
+            ratio: (augmentation.crop_ratio[0], augmentation.crop_ratio[1]),
+        },
+        flip_probability: augmentation.flip,
+        rand_augment: augmentation
+            .rand_augment
+            .as_ref()
+            .map(|r| RandAugment { num_ops: r.ops, magnitude: r.magnitude.round() as u32 }),
+        normalization: normalization(spec),
+        channels: channels(spec),
+        dct_downscale: true,
+    };
+    let transform =
+        TrainTransform::new(config).map_err(|e| Error::invalid("data.augmentation", e.to_string()))?;
+    Ok(Transform::Train(transform))
+}
+
+fn eval_transform(spec: &JobSpec) -> Result<EvalTransform> {
+    let config = EvalConfig {
+        size: spec.model.resolution(),
+        crop_pct: spec.data.eval_crop,
+        normalization: normalization(spec),
+        channels: channels(spec),
+        dct_downscale: true,
+    };
+    EvalTransform::new(config).map_err(|e| Error::invalid("data.eval_crop", e.to_string()))
+}
+
+fn device(spec: &JobSpec) -> Result<Device> {
+    match spec.distributed.device {
+        effnet_config::Device::Cpu => Ok(Device::Cpu),
+        effnet_config::Device::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        effnet_config::Device::Cuda => Err(Error::invalid(
+            "distributed.device",
+            "cuda was asked for but libtorch sees no CUDA device (a CPU-only build or no GPU)",
+        )),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("effnet-io")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))
+}
+
+fn hash_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Open a dataset named by a job field, turning every failure into an error naming the field.
+async fn open_dataset(field: &str, url: &str) -> Result<Arc<Dataset>> {
+    Dataset::open(url).await.map_err(|e| Error::invalid(field, format!("cannot open dataset {url}: {e}")))
+}
+
+struct Prepared {
+    plan: RunPlan,
+    train: Arc<Dataset>,
+    val: Option<Arc<Dataset>>,
+    config: EfficientNetConfig,
+    classes: u32,
+}
+
+async fn prepare(spec: &JobSpec) -> Result<Prepared> {
+    if spec.distributed.workers > 1 {
+        return Err(Error::invalid(
+            "distributed.workers",
+            format!(
+                "{} workers asked for; `effnet run` trains in one process until data-parallel workers land",
+                spec.distributed.workers
+            ),
+        ));
+    }
+    if spec.training.precision == effnet_config::Precision::Bf16 {
+        return Err(Error::invalid(
+            "training.precision",
+            "bf16 autocast is not available in this build; use fp32",
+        ));
+    }
+    let train = open_dataset("data.train", &spec.data.train).await?;
+    let classes = train.manifest.classes.len() as u32;
+    if let Some(wanted) = spec.model.classes
+        && wanted != classes
+    {
+        return Err(Error::invalid(
+            "model.classes",
+            format!("{wanted} classes asked for but {} has {classes}", spec.data.train),
+        ));
+    }
+    let val = match &spec.data.val {
+        Some(url) => {
+            let val = open_dataset("data.val", url).await?;
+            if val.manifest.classes != train.manifest.classes {
+                return Err(Error::invalid(
+                    "data.val",
+                    format!(
+                        "{url} has classes {:?}, the training set {:?}",
+                        val.manifest.classes, train.manifest.classes
+                    ),
+                ));
+            }
+            Some(val)
+        }
+        None => None,
+    };
+    let config = model_config(spec, classes);
+    config.validate().map_err(|e| Error::invalid("model", e.to_string()))?;
+    let architecture = config.architecture().map_err(|e| Error::invalid("model", e.to_string()))?;
+
+    let global_batch = spec.data.batch_size as u64
+        * spec.optimizer.accumulate_steps as u64
+        * spec.distributed.workers as u64;
+    let train_samples = train.manifest.rows;
+    let steps_per_epoch = train_samples / global_batch;
+    if steps_per_epoch == 0 {
+        return Err(Error::invalid(
+            "data.batch_size",
+            format!("a global batch of {global_batch} is larger than the {train_samples} training samples"),
+        ));
+    }
+    let total_steps = spec.training.length().to_steps(steps_per_epoch);
+    let warmup_steps = spec.schedule.warmup().to_steps(steps_per_epoch);
+    let scale = if spec.optimizer.scale_lr {
+        global_batch as f64 / spec.optimizer.reference_batch as f64
+    } else {
+        1.0
+    };
+    let decay = match spec.schedule.kind {
+        effnet_config::ScheduleKind::Constant => Decay::Constant,
+        effnet_config::ScheduleKind::Cosine => Decay::Cosine,
+        effnet_config::ScheduleKind::Exponential => Decay::Exponential {
+            rate: spec.schedule.decay_rate,
+            every: (spec.schedule.decay_epochs * steps_per_epoch as f64).max(1.0),
+            staircase: spec.schedule.staircase,
+        },
+    };
+    let schedule = LrSchedule {
+        peak: spec.optimizer.lr * scale,
+        warmup_steps,
+        decay,
+        total_steps,
+        min_ratio: spec.schedule.min_lr_ratio,
+    };
+    let drop_path = match spec.model.drop_path.schedule {
+        effnet_config::DropPathSchedule::Constant => DropPathRamp::Constant,
+        effnet_config::DropPathSchedule::Linear => {
+            let span = match (spec.model.drop_path.ramp_steps, spec.model.drop_path.ramp_epochs) {
+                (Some(steps), _) => Span::Steps(steps),
+                (None, Some(epochs)) => Span::Epochs(epochs),
+                (None, None) => Span::Steps(0),
+            };
+            DropPathRamp::Linear { steps: span.to_steps(steps_per_epoch) }
+        }
+    };
+    // Parameters and multiply-adds from a throwaway CPU build (cheap next to training).
+    let vs = VarStore::new(Device::Cpu);
+    let model = EfficientNet::new(&vs.root(), &config)?;
+    let identity = ModelIdentity {
+        architecture: config.spec.display_name(),
+        classes,
+        input_channels: spec.model.input_channels,
+        parameters: model.parameter_count(),
+    };
+    let _ = architecture;
+    let plan = RunPlan {
+        job: spec.name.clone(),
+        job_dir: spec.job_dir(),
+        model: identity,
+        resolution: spec.model.resolution(),
+        train_samples,
+        val_samples: val.as_ref().map(|v| v.manifest.rows),
+        global_batch,
+        steps_per_epoch,
+        total_steps,
+        schedule,
+        drop_path,
+        eval_every_steps: spec.eval.interval().map(|span| span.to_steps(steps_per_epoch).max(1)),
+        checkpoint_url: spec.checkpoint_url(),
+        multiply_adds: model.multiply_adds(spec.model.resolution()),
+    };
+    Ok(Prepared { plan, train, val, config, classes })
+}
+
+/// Validate a job without training or writing anything: the spec, the datasets (opened and
+/// read), the model, and the derived plan.
+pub fn check(spec: &JobSpec) -> Result<RunPlan> {
+    device(spec)?;
+    let runtime = runtime()?;
+    Ok(runtime.block_on(prepare(spec))?.plan)
+}
+
+/// The per-step seed of libtorch's generator (drop path, dropout).
+fn step_seed(seed: u64, step: u64, micro: u64) -> i64 {
+    (effnet_data::rng::mix_seed(&[seed, step, micro]) >> 1) as i64
+}
+
+struct Restored {
+    state: TrainState,
+    url: String,
+}
+
+/// Load a checkpoint's files into the model, optimiser and EMA, after checking they belong to
+/// this job's model. Nothing is modified unless the state and the model weights fit.
+fn restore(
+    url: &str,
+    files: HashMap<String, Bytes>,
+    identity: &ModelIdentity,
+    vs: &VarStore,
+    optimizer: &mut Optimizer,
+    ema: Option<(&mut Ema, &VarStore)>,
+    train: &Dataset,
+) -> Result<TrainState> {
+    let incompatible = |reason: String| Error::IncompatibleCheckpoint { url: url.to_string(), reason };
+    let damaged = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
+    let file = |name: &str| files.get(name).ok_or_else(|| damaged(format!("{name} is missing")));
+    let state: TrainState = serde_json::from_slice(file(STATE_FILE)?)
+        .map_err(|e| damaged(format!("unreadable {STATE_FILE}: {e}")))?;
+    if state.format != STATE_FORMAT {
+        return Err(incompatible(format!("state format {} (this build reads {STATE_FORMAT})", state.format)));
+    }
+    if &state.model != identity {
+        return Err(incompatible(format!(
+            "it holds {} with {} classes and {} input channels ({} parameters); this job trains {} with {} classes and {} input channels ({} parameters)",
+            state.model.architecture,
+            state.model.classes,
+            state.model.input_channels,
+            state.model.parameters,
+            identity.architecture,
+            identity.classes,
+            identity.input_channels,
+            identity.parameters
+        )));
+    }
+    if let Some(cursor) = &state.data {
+        let groups = train.row_groups().len() as u32;
+        let fits = cursor.validate().is_ok()
+            && cursor.plan.ranks.iter().flat_map(|r| &r.units).all(|u| u.row_group < groups)
+            && cursor.ranks.iter().flat_map(|r| &r.buffered).all(|s| s.row_group < groups);
+        if !fits {
+            return Err(incompatible("its data cursor does not fit the training dataset".into()));
+        }
+    }
+    let weights = from_safetensors(file(MODEL_FILE)?).map_err(damaged)?;
+    load_into(vs, weights).map_err(incompatible)?;
+    let slots = from_safetensors(file(OPTIMIZER_FILE)?).map_err(damaged)?;
+    optimizer.load_state(slots, state.optimizer_steps).map_err(|e| incompatible(e.to_string()))?;
+    if let Some((ema, ema_vs)) = ema {
+        match (files.get(EMA_FILE), state.ema_updates) {
+            (Some(bytes), Some(updates)) => {
+                load_into(ema_vs, from_safetensors(bytes).map_err(damaged)?).map_err(incompatible)?;
+                ema.set_updates(updates);
+            }
+            _ => {
+                tracing::warn!(%url, "the checkpoint has no EMA; the average restarts from the restored weights");
+                tch::no_grad(|| {
+                    let source = vs.variables();
+                    for (name, mut target) in ema_vs.variables() {
+                        target.copy_(&source[&name]);
+                    }
+                });
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// Evaluate `model` on `dataset` (resize + centre crop, all samples or the first `max_samples`).
+fn evaluate(
+    runtime: &tokio::runtime::Runtime,
+    model: &EfficientNet,
+    dataset: &Arc<Dataset>,
+    transform: &EvalTransform,
+    batch_size: usize,
+    max_samples: Option<u64>,
+    device: Device,
+) -> Result<EvalMetrics> {
+    let started = Instant::now();
+    let plan = EpochPlan::new(0, 0, dataset.row_groups(), 1)?;
+    let mut loader = runtime.block_on(async {
+        let reader =
+            RankReader::new(dataset.clone(), plan.ranks[0].clone(), initial_cursors(&plan)[0].clone(), 1, 4)
+                .await?;
+        let options = LoaderOptions { batch_size, threads: 1, seed: 0, epoch: 0 };
+        BatchLoader::new(reader, Transform::Eval(transform.clone()), options)
+    })?;
+    let (mut samples, mut top1, mut top5, mut loss) = (0u64, 0i64, 0i64, 0f64);
+    let classes = model.architecture().classes as i64;
+    while let Some(batch) = runtime.block_on(loader.next_batch())? {
+        let mut n = batch.labels.len();
+        if let Some(limit) = max_samples {
+            n = n.min((limit - samples) as usize);
+        }
+        let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).narrow(0, 0, n as i64).to_device(device);
+        let ys = Tensor::from_slice(&batch.labels[..n]).to_device(device);
+        let (batch_loss, hits1, hits5) = tch::no_grad(|| {
+            let logits = model.forward_t(&xs, false);
+            let batch_loss =
+                logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0).double_value(&[]);
+            let (hits1, hits5) = top_k_hits(&logits, &ys, classes.min(5));
+            (batch_loss, hits1, hits5)
+        });
+        loss += batch_loss;
+        top1 += hits1;
+        top5 += hits5;
+        samples += n as u64;
+        if max_samples.is_some_and(|limit| samples >= limit) {
+            break;
+        }
+    }
+    let denominator = samples.max(1) as f64;
+    Ok(EvalMetrics {
+        top1: top1 as f64 / denominator,
+        top5: top5 as f64 / denominator,
+        loss: loss / denominator,
+        samples,
+        images_per_s: samples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+/// Correct predictions among the top 1 and the top `k` logits of each row.
+pub fn top_k_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
+    let (_, indices) = logits.topk(k, -1, true, true);
+    let matches = indices.eq_tensor(&labels.unsqueeze(1));
+    let top1 = matches.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
+    let topk = matches.any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
+    (top1, topk)
+}
+
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    log_every: u64,
+}
+
+impl Progress {
+    fn new(show: bool, total: u64, position: u64, log_every: u64) -> Progress {
+        let bar = show.then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_position(position);
+            bar
+        });
+        Progress { bar, log_every: log_every.max(1) }
+    }
+
+    fn step(&self, step: u64, epoch: u64, loss: f64, lr: f64, images_per_s: f64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(format!(
+                    "epoch {epoch}  loss {loss:.4}  lr {lr:.3e}  {images_per_s:.0} img/s"
+                ));
+            }
+            None if step.is_multiple_of(self.log_every) => {
+                tracing::info!(
+                    step,
+                    epoch,
+                    loss = format!("{loss:.4}"),
+                    lr = format!("{lr:.3e}"),
+                    images_per_s = format!("{images_per_s:.1}"),
+                    "train"
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn println(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => tracing::info!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+type PendingSave = tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>;
+
+/// Train the job to its last step, resuming as `options` says. Everything that can be rejected
+/// (spec, datasets, checkpoint) is checked before anything is written.
+pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
+    let started = Instant::now();
+    let device = device(spec)?;
+    let runtime = runtime()?;
+    let Prepared { plan, train, val, config, classes } = runtime.block_on(prepare(spec))?;
+    let threads = spec
+        .training
+        .threads
+        .map(|t| t as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    tch::set_num_threads(threads as i32);
+
+    let vs = VarStore::new(device);
+    let model = EfficientNet::new(&vs.root(), &config)?;
+    let trainable: Vec<(String, Tensor)> =
+        sorted_variables(&vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut optimizer = Optimizer::new(
+        OptimizerRule::from_config(&spec.optimizer),
+        trainable,
+        spec.optimizer.weight_decay(),
+        spec.optimizer.decay_norm_and_bias,
+    );
+    let ema_store = spec.training.ema.enabled.then(|| VarStore::new(device));
+    let ema_model = match &ema_store {
+        Some(store) => Some(EfficientNet::new(&store.root(), &config)?),
+        None => None,
+    };
+    let mut ema = match &ema_store {
+        Some(store) => Some(Ema::new(spec.training.ema.decay, spec.training.ema.warmup, &vs, store)?),
+        None => None,
+    };
+
+    // Opening a local directory creates it, so a job that is rejected must not open one that is
+    // not there yet: nothing is written before every check has passed.
+    let existing = checkpoint::existing(&plan.checkpoint_url)
+        .map_err(|e| Error::invalid("checkpoint.url", e.to_string()))?;
+    let found = match (&options.resume, &existing) {
+        (ResumeFrom::Fresh, _) | (ResumeFrom::Latest, None) => None,
+        (ResumeFrom::Latest, Some(store)) => {
+            runtime.block_on(store.latest())?.map(|(committed, files)| (committed.url, files))
+        }
+        (ResumeFrom::Url(url), _) => Some((url.clone(), runtime.block_on(checkpoint::load_url(url))?.1)),
+    };
+    let restored = match found {
+        Some((url, files)) => {
+            let ema_parts = match (&mut ema, &ema_store) {
+                (Some(ema), Some(store)) => Some((ema, store)),
+                _ => None,
+            };
+            let state = restore(&url, files, &plan.model, &vs, &mut optimizer, ema_parts, &train)?;
+            Some(Restored { state, url })
+        }
+        None => None,
+    };
+    let config_hash = hash_hex(&serde_json::to_vec(spec).map_err(|e| Error::Internal(e.to_string()))?);
+    if let Some(restored) = &restored
+        && restored.state.config_hash != config_hash
+    {
+        tracing::warn!(url = %restored.url, "the job spec changed since this checkpoint was written; continuing with the new spec");
+    }
+    if options.resume == ResumeFrom::Fresh
+        && let Some(store) = &existing
+    {
+        let committed = runtime.block_on(store.committed())?;
+        if !committed.is_empty() {
+            tracing::warn!(url = %plan.checkpoint_url, count = committed.len(), "--fresh: deleting the job's existing checkpoints");
+            runtime.block_on(store.purge(0, 0))?;
+        }
+    }
+    let checkpoints = match existing {
+        Some(store) => store,
+        None => CheckpointStore::new(
+            effnet_store::open(&plan.checkpoint_url)
+                .map_err(|e| Error::invalid("checkpoint.url", e.to_string()))?,
+        ),
+    };
+
+    // From here on the run writes: job directory, metrics, checkpoints.
+    let mut metrics = MetricsLog::open(&plan.job_dir, spec.data.log_sample_keys)?;
+    let resolved = json!({ "spec": spec, "plan": &plan });
+    std::fs::write(plan.job_dir.join("job.json"), serde_json::to_vec_pretty(&resolved).unwrap_or_default())
+        .map_err(|source| Error::Io { path: plan.job_dir.join("job.json").display().to_string(), source })?;
+    let mut step = restored.as_ref().map(|r| r.state.step).unwrap_or(0);
+    let mut epoch = restored.as_ref().map(|r| r.state.epoch).unwrap_or(0);
+    let mut samples_seen = restored.as_ref().map(|r| r.state.samples_seen).unwrap_or(0);
+    let mut cursor = restored.as_ref().and_then(|r| r.state.data.clone());
+    let mut val_metrics = restored.as_ref().and_then(|r| r.state.val);
+    let mut val_ema_metrics = restored.as_ref().and_then(|r| r.state.val_ema);
+    metrics.write(
+        "start",
+        json!({
+            "step": step,
+            "resumed_from": restored.as_ref().map(|r| &r.url),
+            "total_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "global_batch": plan.global_batch,
+            "threads": threads,
+            "device": format!("{device:?}"),
+            "world_size": spec.distributed.workers,
+            "model": &plan.model,
+        }),
+    )?;
+    if let Some(restored) = &restored {
+        tracing::info!(url = %restored.url, step, "resuming");
+    }
+
+    let feed_settings = FeedSettings {
+        dataset: train.clone(),
+        transform: train_transform(spec)?,
+        batch_size: spec.data.batch_size as usize,
+        threads: spec.data.loader_threads as usize,
+        seed: spec.seed,
+        shuffle_buffer: spec.data.shuffle_buffer as usize,
+        prefetch: spec.data.prefetch as usize,
+    };
+    let mut feed = feed::spawn(&runtime, feed_settings, cursor.clone());
+    let eval = eval_transform(spec)?;
+    let eval_batch = spec.eval.batch_size.unwrap_or(spec.data.batch_size * 2) as usize;
+    let show_progress =
+        options.progress.or(spec.training.progress).unwrap_or_else(|| std::io::stderr().is_terminal());
+    let progress = Progress::new(show_progress, plan.total_steps, step, spec.training.log_every as u64);
+
+    let accumulate = spec.optimizer.accumulate_steps as u64;
+    let label_smoothing = spec.optimizer.label_smoothing;
+    let first_step = step;
+    let mut pending: Option<PendingSave> = None;
+    let mut saves = Vec::new();
+    let mut skipped_samples = 0u64;
+    let mut train_time = Duration::ZERO;
+    let mut wait_time = Duration::ZERO;
+    let mut trained_images = 0u64;
+
+    while step < plan.total_steps {
+        let step_started = Instant::now();
+        let mut waited = Duration::ZERO;
+        let multiplier = plan.drop_path.multiplier(step);
+        model.set_drop_path_multiplier(multiplier)?;
+        let mut loss_sum = 0.0;
+        let mut images = 0u64;
+        for micro in 0..accumulate {
+            let (batch, batch_epoch, batch_cursor) = loop {
+                let wait_started = Instant::now();
+                let item = feed.blocking_recv();
+                waited += wait_started.elapsed();
+                match item {
+                    Some(Feed::Batch { batch, epoch, cursor }) => break (batch, epoch, cursor),
+                    Some(Feed::EpochEnd { epoch, skipped }) => {
+                        if !skipped.is_empty() {
+                            skipped_samples += skipped.len() as u64;
+                            let keys: Vec<&str> = skipped.iter().map(|s| s.key.as_str()).collect();
+                            progress.println(format!(
+                                "epoch {epoch}: skipped {} unusable samples: {}",
+                                keys.len(),
+                                keys.join(", ")
+                            ));
+                            metrics.write("skipped", json!({ "epoch": epoch, "samples": skipped.iter().map(|s| json!({"key": s.key, "reason": s.reason})).collect::<Vec<_>>() }))?;
+                        }
+                    }
+                    Some(Feed::Failed(error)) => return Err(error),
+                    None => return Err(Error::Internal("the data feed stopped".into())),
+                }
+            };
+            metrics.write_samples(step, &batch.keys)?;
+            tch::manual_seed(step_seed(spec.seed, step, micro));
+            let n = batch.labels.len() as u64;
+            let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).to_device(device);
+            let ys = Tensor::from_slice(&batch.labels).to_device(device);
+            let logits = model.forward_t(&xs, true);
+            let loss = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Mean, -100, label_smoothing);
+            if accumulate > 1 {
+                (&loss / accumulate as f64).backward();
+            } else {
+                loss.backward();
+            }
+            loss_sum += loss.double_value(&[]);
+            images += n;
+            epoch = batch_epoch;
+            cursor = Some(batch_cursor);
+        }
+        if let Some(max_norm) = spec.optimizer.grad_clip_norm {
+            optimizer.clip_grad_norm(max_norm);
+        }
+        let lr = plan.schedule.lr(step);
+        optimizer.step(lr);
+        optimizer.zero_grad();
+        if let Some(ema) = &mut ema {
+            ema.update();
+        }
+        step += 1;
+        samples_seen += images;
+        let elapsed = step_started.elapsed();
+        train_time += elapsed;
+        wait_time += waited;
+        trained_images += images;
+        let loss = loss_sum / accumulate as f64;
+        if !loss.is_finite() {
+            return Err(Error::Internal(format!(
+                "the loss became {loss} at step {step}; lower optimizer.lr or set optimizer.grad_clip_norm"
+            )));
+        }
+        let images_per_s = images as f64 / elapsed.as_secs_f64().max(1e-9);
+        metrics.write(
+            "step",
+            json!({
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lr,
+                "drop_path": multiplier,
+                "images_per_s": images_per_s,
+                "data_wait": waited.as_secs_f64() / elapsed.as_secs_f64().max(1e-9),
+                "step_s": elapsed.as_secs_f64(),
+            }),
+        )?;
+        progress.step(step, epoch, loss, lr, images_per_s);
+
+        let last = step == plan.total_steps;
+        let mut metric = None;
+        let eval_due = plan.eval_every_steps.is_some_and(|every| step.is_multiple_of(every)) || last;
+        if eval_due && let Some(val) = &val {
+            let raw = evaluate(&runtime, &model, val, &eval, eval_batch, spec.eval.max_samples, device)?;
+            let averaged = match (&ema_model, spec.eval.ema) {
+                (Some(ema_model), true) => Some(evaluate(
+                    &runtime,
+                    ema_model,
+                    val,
+                    &eval,
+                    eval_batch,
+                    spec.eval.max_samples,
+                    device,
+                )?),
+                _ => None,
+            };
+            progress.println(format!(
+                "step {step} (epoch {epoch}): val top-1 {:.2}% top-5 {:.2}% loss {:.4}{}",
+                raw.top1 * 100.0,
+                raw.top5 * 100.0,
+                raw.loss,
+                averaged.map(|a| format!("; EMA top-1 {:.2}%", a.top1 * 100.0)).unwrap_or_default()
+            ));
+            metrics.write("eval", json!({ "step": step, "epoch": epoch, "raw": raw, "ema": averaged }))?;
+            metric = Some(raw.top1);
+            val_metrics = Some(raw);
+            val_ema_metrics = averaged;
+        }
+        let checkpoint_due = spec.checkpoint.every_steps.is_some_and(|every| step.is_multiple_of(every))
+            || (spec.checkpoint.at_epoch_end && step.is_multiple_of(plan.steps_per_epoch))
+            || last;
+        if checkpoint_due {
+            let state = TrainState {
+                format: STATE_FORMAT,
+                step,
+                epoch,
+                samples_seen,
+                data: cursor.clone(),
+                seed: spec.seed,
+                model: plan.model.clone(),
+                config_hash: config_hash.clone(),
+                optimizer_steps: optimizer.steps(),
+                ema_updates: ema.as_ref().map(|e| e.updates()),
+                world_size: spec.distributed.workers,
+                val: val_metrics,
+                val_ema: val_ema_metrics,
+            };
+            let mut files = vec![
+                (MODEL_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(&vs))?)),
+                (OPTIMIZER_FILE.to_string(), Bytes::from(to_safetensors(&optimizer.state_tensors())?)),
+            ];
+            if let Some(store) = &ema_store {
+                files.push((EMA_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(store))?)));
+            }
+            let state_json = serde_json::to_vec_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
+            files.push((STATE_FILE.to_string(), Bytes::from(state_json)));
+            // At most one save in flight: wait for the previous one before starting the next.
+            if let Some(previous) = pending.take() {
+                let stats = finish_save(&runtime, previous, &mut metrics)?;
+                saves.push(stats);
+            }
+            let store = checkpoints.clone();
+            let (keep_last, keep_best) =
+                (spec.checkpoint.keep_last as usize, spec.checkpoint.keep_best as usize);
+            pending = Some(runtime.spawn(async move {
+                let stats = store.save(step, metric, files).await?;
+                let deleted = store.purge(keep_last, keep_best).await?;
+                Ok((stats, deleted))
+            }));
+        }
+    }
+    if let Some(previous) = pending.take() {
+        saves.push(finish_save(&runtime, previous, &mut metrics)?);
+    }
+    progress.finish();
+    let train_s = train_time.as_secs_f64();
+    let summary = RunSummary {
+        resumed_from: restored.as_ref().map(|r| r.state.step),
+        steps: step,
+        val: val_metrics,
+        val_ema: val_ema_metrics,
+        train_images_per_s: if train_s > 0.0 { trained_images as f64 / train_s } else { 0.0 },
+        data_wait_fraction: if train_s > 0.0 { wait_time.as_secs_f64() / train_s } else { 0.0 },
+        wall_s: started.elapsed().as_secs_f64(),
+        skipped_samples,
+        checkpoints: saves,
+        plan,
+    };
+    metrics.write(
+        "end",
+        json!({ "steps": step, "steps_this_attempt": step - first_step, "summary": &summary }),
+    )?;
+    let path = summary.plan.job_dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
+        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    let _ = classes;
+    Ok(summary)
+}
+
+fn finish_save(
+    runtime: &tokio::runtime::Runtime,
+    save: PendingSave,
+    metrics: &mut MetricsLog,
+) -> Result<SaveStats> {
+    let (stats, deleted) =
+        runtime.block_on(save).map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))??;
+    metrics.write(
+        "checkpoint",
+        json!({ "step": stats.step, "bytes": stats.bytes, "save_s": stats.seconds, "purged": deleted }),
+    )?;
+    Ok(stats)
+}

@@ -1,0 +1,123 @@
+//! Checkpoint commit semantics on a local directory, the in-memory store and a real S3 server
+//! (moto on loopback): an interrupted save is never the latest, a damaged commit falls back to the
+//! previous checkpoint, and purging keeps the last k and the best k.
+
+use bytes::Bytes;
+use effnet_store::testing::S3TestServer;
+use effnet_train::checkpoint::{CheckpointStore, directory_name};
+
+fn files(step: u64) -> Vec<(String, Bytes)> {
+    vec![
+        ("model.safetensors".to_string(), Bytes::from(vec![step as u8; 1000])),
+        ("optimizer.safetensors".to_string(), Bytes::from(vec![step as u8 + 1; 2000])),
+        ("state.json".to_string(), Bytes::from(format!("{{\"step\": {step}}}"))),
+    ]
+}
+
+async fn latest_step(store: &CheckpointStore) -> Option<u64> {
+    store.latest().await.unwrap().map(|(committed, _)| committed.step)
+}
+
+async fn put(store: &CheckpointStore, relative: &str, bytes: impl Into<Bytes>) {
+    let path = store.location.path(relative).unwrap();
+    effnet_store::put_bytes(store.location.store.as_ref(), &path, bytes).await.unwrap();
+}
+
+async fn interrupted_saves_are_never_latest(store: CheckpointStore) {
+    store.save(10, Some(0.5), files(10)).await.unwrap();
+    assert_eq!(latest_step(&store).await, Some(10));
+    let (_, loaded) = store.latest().await.unwrap().unwrap();
+    assert_eq!(loaded["model.safetensors"], Bytes::from(vec![10u8; 1000]));
+
+    // A save of step 20 killed after each of its files, before COMMIT.
+    let content = files(20);
+    for written in 0..=content.len() {
+        for (name, bytes) in &content[..written] {
+            put(&store, &format!("{}/{name}", directory_name(20)), bytes.clone()).await;
+        }
+        assert_eq!(latest_step(&store).await, Some(10), "after {written} files of step 20");
+    }
+    // A COMMIT that is not valid JSON (a torn write on a store without atomic PUT).
+    put(&store, &format!("{}/COMMIT", directory_name(20)), &b"{\"format\": 1, \"st"[..]).await;
+    assert_eq!(latest_step(&store).await, Some(10));
+
+    // A committed checkpoint whose file was damaged afterwards: skipped, the previous one loads.
+    store.save(30, None, files(30)).await.unwrap();
+    assert_eq!(latest_step(&store).await, Some(30));
+    put(&store, &format!("{}/model.safetensors", directory_name(30)), vec![0u8; 1000]).await;
+    assert_eq!(latest_step(&store).await, Some(10));
+    let error = store.load(&store.committed().await.unwrap()[1]).await.unwrap_err().to_string();
+    assert!(error.contains("step-00000030") && error.contains("model.safetensors does not match"), "{error}");
+
+    // A committed checkpoint with a file missing.
+    store.save(40, None, files(40)).await.unwrap();
+    effnet_store::delete(
+        store.location.store.as_ref(),
+        &store.location.path(&format!("{}/state.json", directory_name(40))).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(latest_step(&store).await, Some(10));
+    store.save(50, None, files(50)).await.unwrap();
+    assert_eq!(latest_step(&store).await, Some(50));
+}
+
+async fn purge_keeps_last_and_best(store: CheckpointStore) {
+    let metrics = [(1, Some(0.30)), (2, Some(0.90)), (3, None), (4, Some(0.50)), (5, Some(0.40)), (6, None)];
+    for (step, metric) in metrics {
+        store.save(step, metric, files(step)).await.unwrap();
+    }
+    // An interrupted save older than the newest commit (left by a crash) is cleaned up too.
+    put(&store, &format!("{}/model.safetensors", directory_name(0)), vec![1u8; 10]).await;
+    // One newer than the newest commit may still be in flight elsewhere: left alone.
+    put(&store, &format!("{}/model.safetensors", directory_name(7)), vec![1u8; 10]).await;
+    let mut deleted = store.purge(2, 2).await.unwrap();
+    deleted.sort();
+    assert_eq!(deleted, vec![0, 1, 3]);
+    let kept: Vec<u64> = store.committed().await.unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(kept, vec![2, 4, 5, 6]);
+    let remaining =
+        effnet_store::list_prefix(store.location.store.as_ref(), &store.location.path("").unwrap())
+            .await
+            .unwrap();
+    assert!(remaining.iter().any(|o| o.location.as_ref().contains(&directory_name(7))));
+    assert!(!remaining.iter().any(|o| o.location.as_ref().contains(&directory_name(1))));
+}
+
+#[tokio::test]
+async fn local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("a").display().to_string();
+    interrupted_saves_are_never_latest(CheckpointStore::new(effnet_store::open(&url).unwrap())).await;
+    let url = dir.path().join("b").display().to_string();
+    purge_keeps_last_and_best(CheckpointStore::new(effnet_store::open(&url).unwrap())).await;
+}
+
+#[tokio::test]
+async fn memory_store() {
+    let location = effnet_store::open("memory://checkpoint-test/run/checkpoints").unwrap();
+    interrupted_saves_are_never_latest(CheckpointStore::new(location)).await;
+    let location = effnet_store::open("memory://checkpoint-test/other/checkpoints").unwrap();
+    purge_keeps_last_and_best(CheckpointStore::new(location)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store() {
+    let server = S3TestServer::start().unwrap();
+    interrupted_saves_are_never_latest(CheckpointStore::new(server.open("jobs/a/checkpoints").unwrap()))
+        .await;
+    purge_keeps_last_and_best(CheckpointStore::new(server.open("jobs/b/checkpoints").unwrap())).await;
+}
+
+#[tokio::test]
+async fn loading_an_uncommitted_directory_by_url_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().display().to_string();
+    let store = CheckpointStore::new(effnet_store::open(&url).unwrap());
+    put(&store, &format!("{}/model.safetensors", directory_name(3)), vec![1u8; 10]).await;
+    let error =
+        effnet_train::checkpoint::load_url(&format!("{url}/{}", directory_name(3))).await.unwrap_err();
+    assert!(error.is_bad_input());
+    let message = error.to_string();
+    assert!(message.contains("no COMMIT marker"), "{message}");
+}
