@@ -581,6 +581,8 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     tch::set_num_threads(threads as i32);
 
+    // The initial weights come from libtorch's generator: seed it so a job starts identically.
+    tch::manual_seed(step_seed(spec.seed, u64::MAX, 0));
     let vs = VarStore::new(device);
     let model = EfficientNet::new(&vs.root(), &config)?;
     let trainable: Vec<(String, Tensor)> =
