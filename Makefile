@@ -5,7 +5,7 @@
 #   make build CUDA=1 same, linked against libtorch_cuda (installs torch's CUDA wheels first)
 #   make demo         the main job
 #   make test         fmt, clippy, all tests (installs the Python reference stack for parity tests)
-#   make bench        benchmarks against PyTorch (model step, input pipeline); figures go to docs/benchmarks.md
+#   make bench        benchmarks against PyTorch (model step, input pipeline, training); figures in docs/benchmarks.md
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -39,6 +39,7 @@ test: venv-reference lint
 bench: venv-reference
 	@scripts/bench-model.sh
 	@scripts/bench-loader.sh
+	@scripts/bench-train.sh
 
 clean-venv:
 	rm -rf .venv

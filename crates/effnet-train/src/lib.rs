@@ -9,8 +9,10 @@
 //! - [`ema`]: the weight average, kept in a second model.
 //! - [`checkpoint`]: `step-NNNNNNNN/` directories with a `COMMIT` marker; keep last/best k.
 //! - [`tensors`]: named tensors to and from safetensors bytes.
+//! - [`amp`]: bf16 autocast and channels_last through a small C++ shim (tch has neither).
 //! - [`metrics`]: `metrics.jsonl` / `samples.jsonl` in the job directory.
 
+pub mod amp;
 pub mod checkpoint;
 pub mod ema;
 pub mod error;

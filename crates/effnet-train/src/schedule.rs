@@ -67,7 +67,7 @@ impl DropPathRamp {
     pub fn multiplier(&self, step: u64) -> f64 {
         match *self {
             DropPathRamp::Constant => 1.0,
-            DropPathRamp::Linear { steps } if steps == 0 => 1.0,
+            DropPathRamp::Linear { steps: 0 } => 1.0,
             DropPathRamp::Linear { steps } => (step as f64 / steps as f64).min(1.0),
         }
     }

@@ -29,6 +29,7 @@ use serde_json::json;
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::amp;
 use crate::checkpoint::{self, CheckpointStore, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, SaveStats};
 use crate::ema::Ema;
 use crate::error::{Error, Result};
@@ -455,8 +456,9 @@ fn evaluate(
     transform: &EvalTransform,
     batch_size: usize,
     max_samples: Option<u64>,
-    device: Device,
+    precision: Precision,
 ) -> Result<EvalMetrics> {
+    let device = precision.device;
     let started = Instant::now();
     let plan = EpochPlan::new(0, 0, dataset.row_groups(), 1)?;
     let mut loader = runtime.block_on(async {
@@ -475,13 +477,13 @@ fn evaluate(
         }
         let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).narrow(0, 0, n as i64).to_device(device);
         let ys = Tensor::from_slice(&batch.labels[..n]).to_device(device);
-        let (batch_loss, hits1, hits5) = tch::no_grad(|| {
-            let logits = model.forward_t(&xs, false);
+        let (batch_loss, hits1, hits5) = tch::no_grad(|| -> Result<(f64, i64, i64)> {
+            let logits = precision.forward(model, &xs, false)?;
             let batch_loss =
                 logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0).double_value(&[]);
             let (hits1, hits5) = top_k_hits(&logits, &ys, classes.min(5));
-            (batch_loss, hits1, hits5)
-        });
+            Ok((batch_loss, hits1, hits5))
+        })?;
         loss += batch_loss;
         top1 += hits1;
         top5 += hits5;
@@ -498,6 +500,28 @@ fn evaluate(
         samples,
         images_per_s: samples as f64 / started.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+/// How the forward pass runs: device, bf16 autocast, channels_last inputs.
+#[derive(Clone, Copy, Debug)]
+struct Precision {
+    device: Device,
+    bf16: bool,
+    channels_last: bool,
+}
+
+impl Precision {
+    /// Logits in float32 whatever the compute precision, so losses and metrics are computed in
+    /// float32.
+    fn forward(&self, model: &EfficientNet, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = if self.channels_last { amp::channels_last(xs)? } else { xs.shallow_clone() };
+        let logits = if self.bf16 {
+            amp::autocast_bf16(self.device, || model.forward_t(&xs, train))?
+        } else {
+            model.forward_t(&xs, train)
+        };
+        Ok(logits.to_kind(Kind::Float))
+    }
 }
 
 /// Correct predictions among the top 1 and the top `k` logits of each row.
@@ -585,6 +609,12 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     tch::manual_seed(step_seed(spec.seed, u64::MAX, 0));
     let vs = VarStore::new(device);
     let model = EfficientNet::new(&vs.root(), &config)?;
+    let bf16 = spec.training.precision == effnet_config::Precision::Bf16;
+    let channels_last = spec.training.channels_last.unwrap_or(device.is_cuda());
+    if channels_last {
+        amp::variables_to_channels_last(&vs)?;
+    }
+    let precision = Precision { device, bf16, channels_last };
     let trainable: Vec<(String, Tensor)> =
         sorted_variables(&vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
     let mut optimizer = Optimizer::new(
@@ -595,7 +625,13 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     );
     let ema_store = spec.training.ema.enabled.then(|| VarStore::new(device));
     let ema_model = match &ema_store {
-        Some(store) => Some(EfficientNet::new(&store.root(), &config)?),
+        Some(store) => {
+            let average = EfficientNet::new(&store.root(), &config)?;
+            if channels_last {
+                amp::variables_to_channels_last(store)?;
+            }
+            Some(average)
+        }
         None => None,
     };
     let mut ema = match &ema_store {
@@ -738,7 +774,7 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
             let n = batch.labels.len() as u64;
             let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).to_device(device);
             let ys = Tensor::from_slice(&batch.labels).to_device(device);
-            let logits = model.forward_t(&xs, true);
+            let logits = precision.forward(&model, &xs, true)?;
             let loss = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Mean, -100, label_smoothing);
             if accumulate > 1 {
                 (&loss / accumulate as f64).backward();
@@ -791,7 +827,7 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
         let mut metric = None;
         let eval_due = plan.eval_every_steps.is_some_and(|every| step.is_multiple_of(every)) || last;
         if eval_due && let Some(val) = &val {
-            let raw = evaluate(&runtime, &model, val, &eval, eval_batch, spec.eval.max_samples, device)?;
+            let raw = evaluate(&runtime, &model, val, &eval, eval_batch, spec.eval.max_samples, precision)?;
             let averaged = match (&ema_model, spec.eval.ema) {
                 (Some(ema_model), true) => Some(evaluate(
                     &runtime,
@@ -800,7 +836,7 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
                     &eval,
                     eval_batch,
                     spec.eval.max_samples,
-                    device,
+                    precision,
                 )?),
                 _ => None,
             };
