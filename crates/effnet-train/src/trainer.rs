@@ -242,7 +242,6 @@ struct Prepared {
     train: Arc<Dataset>,
     val: Option<Arc<Dataset>>,
     config: EfficientNetConfig,
-    classes: u32,
 }
 
 async fn prepare(spec: &JobSpec) -> Result<Prepared> {
@@ -289,7 +288,7 @@ async fn prepare(spec: &JobSpec) -> Result<Prepared> {
     };
     let config = model_config(spec, classes);
     config.validate().map_err(|e| Error::invalid("model", e.to_string()))?;
-    let architecture = config.architecture().map_err(|e| Error::invalid("model", e.to_string()))?;
+    config.architecture().map_err(|e| Error::invalid("model", e.to_string()))?;
 
     let global_batch = spec.data.batch_size as u64
         * spec.optimizer.accumulate_steps as u64
@@ -345,7 +344,6 @@ async fn prepare(spec: &JobSpec) -> Result<Prepared> {
         input_channels: spec.model.input_channels,
         parameters: model.parameter_count(),
     };
-    let _ = architecture;
     let plan = RunPlan {
         job: spec.name.clone(),
         job_dir: spec.job_dir(),
@@ -362,7 +360,7 @@ async fn prepare(spec: &JobSpec) -> Result<Prepared> {
         checkpoint_url: spec.checkpoint_url(),
         multiply_adds: model.multiply_adds(spec.model.resolution()),
     };
-    Ok(Prepared { plan, train, val, config, classes })
+    Ok(Prepared { plan, train, val, config })
 }
 
 /// Validate a job without training or writing anything: the spec, the datasets (opened and
@@ -597,7 +595,7 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     let device = device(spec)?;
     let runtime = runtime()?;
-    let Prepared { plan, train, val, config, classes } = runtime.block_on(prepare(spec))?;
+    let Prepared { plan, train, val, config } = runtime.block_on(prepare(spec))?;
     let threads = spec
         .training
         .threads
@@ -919,7 +917,6 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     let path = summary.plan.job_dir.join("summary.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
         .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-    let _ = classes;
     Ok(summary)
 }
 
