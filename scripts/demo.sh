@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EFFNET=target/release/effnet
-"$EFFNET" model summary --variant b0 --classes 10 --resolution 32
+"$EFFNET" model summary --variant b0 --classes 10 --resolution 32 --input-channels 1
 echo
 DATA=.work/fashion-mnist
 if [[ ! -f "$DATA/test/_manifest.json" ]]; then
