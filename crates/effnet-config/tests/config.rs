@@ -114,8 +114,11 @@ fn b5_resolves_to_the_paper_recipe() {
 #[test]
 fn fashion_mnist_config_is_a_small_cpu_job() {
     let spec = JobSpec::load(&configs_dir().join("fashion-mnist-b0.yaml")).unwrap();
-    assert_eq!(spec.name, "demo");
+    assert_eq!(spec.name, "fashion-mnist-b0");
     assert_eq!(spec.model.variant, Some(Variant::B0));
+    assert_eq!(spec.training.length(), Span::Epochs(2.0));
+    assert_eq!((spec.data.batch_size, spec.optimizer.kind), (32, OptimizerKind::Adamw));
+    assert_eq!(spec.schedule.kind, ScheduleKind::Cosine);
     assert_eq!((spec.model.input_channels, spec.model.resolution(), spec.model.classes), (1, 32, Some(10)));
     assert_eq!(spec.data.train, ".work/fashion-mnist/train");
     assert_eq!(spec.data.val.as_deref(), Some(".work/fashion-mnist/test"));
