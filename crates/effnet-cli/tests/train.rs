@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_bad_input, effnet, workspace_root};
+use common::{assert_bad_input, effnet, effnet_with_env, workspace_root};
 use effnet_data::prepare::encode_grey_png;
 use effnet_data::writer::{DatasetWriter, WriterOptions};
 
@@ -268,22 +268,17 @@ fn unreachable_data_url_is_named() {
         ),
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(["run", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("EFFNET_STORE_MAX_RETRIES", "0")
-        .output()
-        .unwrap();
-    let outcome = common::Outcome {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let outcome = effnet_with_env(
+        &["run", path.to_str().unwrap()],
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("EFFNET_STORE_MAX_RETRIES", "0"),
+        ],
+    );
     assert_bad_input(&outcome, &["data.train", "s3://nowhere/fmnist"]);
     assert!(!job_dir.exists());
 }

@@ -66,8 +66,8 @@ pub struct SaveStats {
     pub seconds: f64,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    effnet_data::manifest::hex(&Sha256::digest(bytes))
 }
 
 /// Checkpoints under one URL.

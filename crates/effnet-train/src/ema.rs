@@ -31,16 +31,27 @@ impl Ema {
         let mut average_vars = average.variables();
         let mut pairs = Vec::with_capacity(model_vars.len());
         for (name, tensor) in model_vars {
-            let mut shadow = average_vars
+            let shadow = average_vars
                 .remove(&name)
                 .ok_or_else(|| Error::Internal(format!("EMA model lacks variable {name}")))?;
-            tch::no_grad(|| shadow.f_copy_(&tensor))?;
             pairs.push((name, tensor, shadow));
         }
         if let Some(extra) = average_vars.keys().next() {
             return Err(Error::Internal(format!("EMA model has an extra variable {extra}")));
         }
-        Ok(Ema { decay, warmup, updates: 0, pairs })
+        let mut ema = Ema { decay, warmup, updates: 0, pairs };
+        ema.restart();
+        Ok(ema)
+    }
+
+    /// Start the average over: a copy of the model's current weights, no updates counted.
+    pub fn restart(&mut self) {
+        tch::no_grad(|| {
+            for (_, model, average) in &mut self.pairs {
+                average.copy_(model);
+            }
+        });
+        self.updates = 0;
     }
 
     /// The decay the next update will use.

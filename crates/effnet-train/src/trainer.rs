@@ -227,9 +227,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))
 }
 
+/// A short digest for `state.json` (the first 8 bytes of the SHA-256, in hex).
 fn hash_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    checkpoint::sha256_hex(bytes)[..16].to_string()
 }
 
 /// Open a dataset named by a job field, turning every failure into an error naming the field.
@@ -434,12 +434,7 @@ fn restore(
             }
             _ => {
                 tracing::warn!(%url, "the checkpoint has no EMA; the average restarts from the restored weights");
-                tch::no_grad(|| {
-                    let source = vs.variables();
-                    for (name, mut target) in ema_vs.variables() {
-                        target.copy_(&source[&name]);
-                    }
-                });
+                ema.restart();
             }
         }
     }

@@ -11,9 +11,15 @@ pub struct Outcome {
 }
 
 pub fn effnet(args: &[&str]) -> Outcome {
+    effnet_with_env(args, &[])
+}
+
+/// Run the binary with extra environment variables.
+pub fn effnet_with_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
     let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("effnet binary runs");
     Outcome {
