@@ -13,8 +13,18 @@ macro_rules! bad_input {
 }
 pub(crate) use bad_input;
 
+/// A launched worker group failed; each worker already printed its own error.
+#[derive(Debug, thiserror::Error)]
+#[error("the worker group failed (exit status {code})")]
+pub struct WorkersFailed {
+    pub code: i32,
+}
+
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
+        if let Some(failed) = cause.downcast_ref::<WorkersFailed>() {
+            return u8::try_from(failed.code).ok().filter(|c| *c != 0).unwrap_or(1);
+        }
         if cause.downcast_ref::<BadInput>().is_some() {
             return 2;
         }

@@ -26,8 +26,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train a job (YAML) in this process, resuming from its newest committed checkpoint.
+    /// Train a job (YAML), resuming from its newest committed checkpoint; launches
+    /// `distributed.workers` worker processes when there are several.
     Run(commands::run::RunArgs),
+    /// One rank of a data-parallel job, started by a launcher (mpirun, srun, or RANK/WORLD_SIZE).
+    Worker(commands::run::RunArgs),
     /// Inspect EfficientNet variants and run inference with saved weights.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let outcome = match cli.command {
         Command::Run(args) => commands::run::run(args),
+        Command::Worker(args) => commands::run::worker(args),
         Command::Model(command) => commands::model::run(command),
         Command::Prepare(args) => commands::data::prepare(args),
         Command::Data(command) => commands::data::run(command),

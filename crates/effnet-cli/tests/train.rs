@@ -8,36 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_bad_input, effnet, effnet_with_env, workspace_root};
-use effnet_data::prepare::encode_grey_png;
-use effnet_data::writer::{DatasetWriter, WriterOptions};
-
-const CLASSES: usize = 4;
-
-/// A learnable grey dataset: class `c` lights up quadrant `c` of a 16×16 image, plus noise.
-fn synthetic_dataset(url: &str, samples: usize, salt: usize) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let location = effnet_store::open(url).unwrap();
-        let classes = (0..CLASSES).map(|c| format!("quadrant-{c}")).collect();
-        let options = WriterOptions { rows_per_group: 16, groups_per_part: 4 };
-        let mut writer = DatasetWriter::create(location, "synthetic", classes, options).await.unwrap();
-        for i in 0..samples {
-            let label = i % CLASSES;
-            let pixels: Vec<u8> = (0..256)
-                .map(|p| {
-                    let (x, y) = (p % 16, p / 16);
-                    let quadrant = (y / 8) * 2 + x / 8;
-                    let noise = ((p * 31 + i * 17 + salt * 7) % 41) as u8;
-                    if quadrant == label { 180 + noise } else { noise }
-                })
-                .collect();
-            let image = encode_grey_png(&pixels, 16, 16).unwrap();
-            writer.push(format!("s{salt}-{i:04}"), image, label as i32).await.unwrap();
-        }
-        writer.finish().await.unwrap();
-    });
-}
+use common::{assert_bad_input, effnet, effnet_with_env, synthetic_dataset, workspace_root};
 
 struct Job {
     dir: PathBuf,
@@ -131,8 +102,8 @@ checkpoint:
 
 fn data_dir() -> PathBuf {
     let dir = tempfile::tempdir().unwrap().keep();
-    synthetic_dataset(dir.join("train").to_str().unwrap(), 96, 0);
-    synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1);
+    synthetic_dataset(dir.join("train").to_str().unwrap(), 96, 0, 16);
+    synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1, 16);
     dir
 }
 

@@ -45,10 +45,10 @@ use std::path::Path;
 
 pub use error::ConfigError;
 pub use spec::{
-    AugmentationConfig, Backend, BatchNormStyle, CheckpointConfig, DataConfig, Device, DistributedConfig,
-    DropPathConfig, DropPathSchedule, EmaConfig, EvalConfig, JobSpec, ModelConfig, NormalizationKind,
-    OptimizerConfig, OptimizerKind, Precision, RandAugmentConfig, ReportConfig, ScheduleConfig, ScheduleKind,
-    Span, TrainingConfig, Variant,
+    AugmentationConfig, Backend, BatchNormStyle, CheckpointConfig, ClassifierInit, DataConfig, Device,
+    DistributedConfig, DropPathConfig, DropPathSchedule, EmaConfig, EvalConfig, GradientDtype, JobSpec,
+    ModelConfig, NormalizationKind, OptimizerConfig, OptimizerKind, Precision, RandAugmentConfig,
+    ReportConfig, ScheduleConfig, ScheduleKind, Span, TrainingConfig, Variant,
 };
 
 impl JobSpec {

@@ -181,6 +181,8 @@ pub struct ModelConfig {
     pub resolution: Option<u32>,
     pub dropout: Option<f64>,
     pub batch_norm: BatchNormStyle,
+    /// How the classifier's weights start: the paper's uniform ±1/sqrt(classes), or zero.
+    pub classifier_init: ClassifierInit,
     pub drop_path: DropPathConfig,
 }
 
@@ -197,6 +199,7 @@ impl Default for ModelConfig {
             resolution: None,
             dropout: None,
             batch_norm: BatchNormStyle::Torchvision,
+            classifier_init: ClassifierInit::Uniform,
             drop_path: DropPathConfig::default(),
         }
     }
@@ -223,6 +226,15 @@ impl ModelConfig {
             (None, None) => Variant::B0.dropout(),
         }
     }
+}
+
+/// The classifier's initial weights: `uniform` (±1/sqrt(classes), the paper's and torchvision's,
+/// sized for 1000 classes) or `zero` (every class starts at equal odds; better for few classes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassifierInit {
+    Uniform,
+    Zero,
 }
 
 /// BatchNorm epsilon and momentum: torchvision's per-variant choice (B0–B4 eps 1e-5, B5–B7 eps
@@ -593,6 +605,8 @@ pub struct DistributedConfig {
     pub device: Device,
     /// Gradient bucket size for all-reduce, in MiB.
     pub bucket_mb: f64,
+    /// The element type gradients are all-reduced in: `f32`, or `bf16` for half the bytes.
+    pub gradient_dtype: GradientDtype,
     /// Collective-operation timeout, in seconds.
     pub timeout_s: f64,
 }
@@ -604,9 +618,17 @@ impl Default for DistributedConfig {
             backend: None,
             device: Device::Cpu,
             bucket_mb: 25.0,
+            gradient_dtype: GradientDtype::F32,
             timeout_s: 300.0,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradientDtype {
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

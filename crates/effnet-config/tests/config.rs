@@ -315,7 +315,7 @@ fn unknown_keys_are_rejected_at_the_key() {
     assert_eq!(
         failure(text).to_string(),
         "job.yaml:4:3: model.dropuot: unknown field, expected one of variant, phi, alpha, beta, gamma, classes, \
-         input_channels, resolution, dropout, batch_norm, drop_path"
+         input_channels, resolution, dropout, batch_norm, classifier_init, drop_path"
     );
     located(
         &format!("{BASE}  augmentation: {{flip: 0.5, rand_augment: {{opz: 2}}}}\n"),

@@ -140,6 +140,17 @@ pub struct EfficientNetConfig {
     /// Maximum stochastic-depth rate, reached by the last block.
     pub drop_path_rate: f64,
     pub batch_norm: BatchNormStyle,
+    pub classifier_init: ClassifierInit,
+}
+
+/// How the classifier's weights start. The paper's (and torchvision's) uniform
+/// `±1/sqrt(classes)` is sized for 1000 classes: with 10 the initial logits are ten times larger
+/// and the first steps are spent shrinking them, so small-class jobs may start from zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum ClassifierInit {
+    #[default]
+    Uniform,
+    Zero,
 }
 
 impl EfficientNetConfig {
@@ -152,6 +163,7 @@ impl EfficientNetConfig {
             dropout: None,
             drop_path_rate: DEFAULT_DROP_PATH_RATE,
             batch_norm: BatchNormStyle::Torchvision,
+            classifier_init: ClassifierInit::Uniform,
         }
     }
 
@@ -181,6 +193,11 @@ impl EfficientNetConfig {
 
     pub fn with_batch_norm(mut self, batch_norm: BatchNormStyle) -> Self {
         self.batch_norm = batch_norm;
+        self
+    }
+
+    pub fn with_classifier_init(mut self, init: ClassifierInit) -> Self {
+        self.classifier_init = init;
         self
     }
 

@@ -22,7 +22,7 @@ pub mod scaling;
 pub mod weights;
 
 pub use blocks::stochastic_depth;
-pub use config::{Architecture, BatchNormStyle, EfficientNetConfig, ModelSpec};
+pub use config::{Architecture, BatchNormStyle, ClassifierInit, EfficientNetConfig, ModelSpec};
 pub use error::{Error, Result};
 pub use model::EfficientNet;
 pub use scaling::{CompoundCoefficients, Variant};

@@ -7,7 +7,7 @@
 use tch::{Tensor, nn, nn::ModuleT};
 
 use crate::blocks::{ConvBnAct, ConvShape, DropPathMultiplier, MBConv};
-use crate::config::{Architecture, EfficientNetConfig};
+use crate::config::{Architecture, ClassifierInit, EfficientNetConfig};
 use crate::error::Result;
 
 #[derive(Debug)]
@@ -68,15 +68,15 @@ impl EfficientNet {
         );
         // torchvision: uniform(-1/sqrt(out), 1/sqrt(out)) weights, zero bias.
         let range = 1.0 / (architecture.classes as f64).sqrt();
+        let ws_init = match config.classifier_init {
+            ClassifierInit::Uniform => nn::Init::Uniform { lo: -range, up: range },
+            ClassifierInit::Zero => nn::Init::Const(0.0),
+        };
         let classifier = nn::linear(
             path / "classifier" / 1,
             architecture.head_channels as i64,
             architecture.classes as i64,
-            nn::LinearConfig {
-                ws_init: nn::Init::Uniform { lo: -range, up: range },
-                bs_init: Some(nn::Init::Const(0.0)),
-                bias: true,
-            },
+            nn::LinearConfig { ws_init, bs_init: Some(nn::Init::Const(0.0)), bias: true },
         );
         Ok(EfficientNet { architecture, stem, stages, head, classifier, drop_path_multiplier })
     }

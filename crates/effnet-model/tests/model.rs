@@ -267,3 +267,19 @@ fn half_precision_weights_are_converted() {
     let original = vs.variables()["features.8.0.weight"].to_kind(Kind::BFloat16).to_kind(Kind::Float);
     assert!(loaded.equal(&original));
 }
+
+#[test]
+fn classifier_starts_uniform_or_at_zero() {
+    let config = EfficientNetConfig::named(Variant::B0).with_classes(10).with_input_channels(1);
+    let weight = |vs: &nn::VarStore| vs.variables()["classifier.1.weight"].shallow_clone();
+    let (vs, _) = build(&config);
+    let uniform = weight(&vs);
+    // ±1/sqrt(10): the largest of 12,800 uniform draws is close to the bound, never past it.
+    let largest = uniform.abs().max().double_value(&[]);
+    assert!(largest <= 1.0 / 10f64.sqrt() && largest > 0.3, "{largest}");
+    let (vs, model) = build(&config.with_classifier_init(effnet_model::ClassifierInit::Zero));
+    assert_eq!(weight(&vs).abs().max().double_value(&[]), 0.0);
+    // Every class starts at equal odds.
+    let logits = model.forward_t(&Tensor::randn([2, 1, 32, 32], (Kind::Float, Device::Cpu)), false);
+    assert_eq!(logits.abs().max().double_value(&[]), 0.0);
+}

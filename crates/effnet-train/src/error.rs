@@ -30,6 +30,10 @@ pub enum Error {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
+    /// A collective failed: a peer died, timed out, or the backend is missing.
+    #[error("{0}")]
+    Collective(String),
+
     #[error("{0}")]
     Internal(String),
 }
@@ -45,7 +49,7 @@ impl Error {
             Error::Data(error) => error.is_bad_input(),
             Error::Store(error) => error.is_bad_input(),
             Error::Model(error) => error.is_bad_input(),
-            Error::Io { .. } | Error::Torch(_) | Error::Internal(_) => false,
+            Error::Io { .. } | Error::Torch(_) | Error::Collective(_) | Error::Internal(_) => false,
         }
     }
 

@@ -2,6 +2,10 @@
 //! epoch after another and hands them to the training loop through a short channel, each with the
 //! data cursor that holds *after* it. A checkpoint taken after step `n` saves the cursor of the
 //! last batch step `n` consumed, however far the feed has read ahead, so resume is exact.
+//!
+//! With several ranks each feed reads its rank's share of the epoch plan; the cursor it attaches
+//! holds the full plan but only this rank's position (`ranks` has one entry), and the trainer
+//! gathers the others' before rank 0 writes a checkpoint.
 
 use std::sync::Arc;
 
@@ -37,6 +41,9 @@ pub struct FeedSettings {
     pub seed: u64,
     pub shuffle_buffer: usize,
     pub prefetch: usize,
+    /// This process's rank and the world size: each rank reads its share of every epoch.
+    pub rank: usize,
+    pub world_size: usize,
 }
 
 /// Start the feed at `start` (a saved cursor) or at the beginning of epoch 0.
@@ -64,18 +71,19 @@ async fn produce(
     loop {
         let (plan, cursor) = match resume.take() {
             Some(saved) => {
-                let (plan, mut cursors) = saved.resume(1)?;
-                (plan, cursors.swap_remove(0))
+                let (plan, mut cursors) = saved.resume(settings.world_size)?;
+                (plan, cursors.swap_remove(settings.rank))
             }
             None => {
-                let plan = EpochPlan::new(settings.seed, epoch, settings.dataset.row_groups(), 1)?;
-                let cursor = initial_cursors(&plan).swap_remove(0);
+                let plan =
+                    EpochPlan::new(settings.seed, epoch, settings.dataset.row_groups(), settings.world_size)?;
+                let cursor = initial_cursors(&plan).swap_remove(settings.rank);
                 (plan, cursor)
             }
         };
         let reader = RankReader::new(
             settings.dataset.clone(),
-            plan.ranks[0].clone(),
+            plan.ranks[settings.rank].clone(),
             cursor,
             settings.shuffle_buffer,
             settings.prefetch,

@@ -11,6 +11,8 @@
 //! - [`tensors`]: named tensors to and from safetensors bytes.
 //! - [`amp`]: bf16 autocast and channels_last through a small C++ shim (tch has neither).
 //! - [`metrics`]: `metrics.jsonl` / `samples.jsonl` in the job directory.
+//! - [`sync`]: data-parallel synchronisation (broadcast, bucketed gradient all-reduce, BatchNorm
+//!   statistics) over an `effnet-collective` backend.
 
 pub mod amp;
 pub mod checkpoint;
@@ -20,8 +22,9 @@ pub mod feed;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod sync;
 pub mod tensors;
 pub mod trainer;
 
 pub use error::{Error, Result};
-pub use trainer::{ResumeFrom, RunOptions, RunPlan, RunSummary, check, run};
+pub use trainer::{Launch, ResumeFrom, RunOptions, RunPlan, RunSummary, check, run};

@@ -18,7 +18,8 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 pub struct MetricsLog {
     path: PathBuf,
-    metrics: LineWriter<File>,
+    /// `None` on ranks other than 0, which write nothing.
+    metrics: Option<LineWriter<File>>,
     samples: Option<LineWriter<File>>,
     pub attempt: u64,
 }
@@ -49,11 +50,17 @@ impl MetricsLog {
         let path = job_dir.join(METRICS_FILE);
         let metrics = append(&path)?;
         let samples = if log_samples { Some(append(&job_dir.join(SAMPLES_FILE))?) } else { None };
-        Ok(MetricsLog { path, metrics, samples, attempt })
+        Ok(MetricsLog { path, metrics: Some(metrics), samples, attempt })
+    }
+
+    /// A log that writes nothing (data-parallel ranks other than 0).
+    pub fn disabled() -> MetricsLog {
+        MetricsLog { path: PathBuf::new(), metrics: None, samples: None, attempt: 0 }
     }
 
     /// Write one record of `kind` with the fields of `record` (an object) plus attempt and time.
     pub fn write(&mut self, kind: &str, record: impl Serialize) -> Result<()> {
+        let Some(metrics) = &mut self.metrics else { return Ok(()) };
         let mut value = serde_json::to_value(record).map_err(|e| Error::Internal(e.to_string()))?;
         let object = value
             .as_object_mut()
@@ -62,7 +69,7 @@ impl MetricsLog {
         object.insert("attempt".into(), json!(self.attempt));
         object.insert("time".into(), json!(unix_time()));
         let line = serde_json::to_string(&value).map_err(|e| Error::Internal(e.to_string()))?;
-        writeln!(self.metrics, "{line}").map_err(io_error(&self.path))
+        writeln!(metrics, "{line}").map_err(io_error(&self.path))
     }
 
     pub fn write_samples(&mut self, step: u64, keys: &[String]) -> Result<()> {

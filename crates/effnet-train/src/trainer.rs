@@ -37,6 +37,7 @@ use crate::feed::{self, Feed, FeedSettings};
 use crate::metrics::MetricsLog;
 use crate::optim::{Optimizer, OptimizerRule};
 use crate::schedule::{Decay, DropPathRamp, LrSchedule};
+use crate::sync::{DataParallel, GradientDtype};
 use crate::tensors::{from_safetensors, load_into, sorted_variables, to_safetensors};
 
 /// Where a run starts.
@@ -50,11 +51,22 @@ pub enum ResumeFrom {
     Fresh,
 }
 
+/// How this process was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// One process trains alone (`distributed.workers: 1`).
+    Single,
+    /// One rank of a data-parallel group started by a launcher (`mpirun`, or one process per
+    /// GPU with `RANK`/`WORLD_SIZE`/`LOCAL_RANK` set).
+    Worker,
+}
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub resume: ResumeFrom,
     /// Show a progress bar (`None`: the job's setting, else when stderr is a terminal).
     pub progress: Option<bool>,
+    pub launch: Launch,
 }
 
 /// What identifies a model's tensors: a checkpoint of another identity cannot be loaded.
@@ -121,6 +133,11 @@ pub struct RunSummary {
     pub val_ema: Option<EvalMetrics>,
     pub train_images_per_s: f64,
     pub data_wait_fraction: f64,
+    /// Share of step time spent in collectives (0 for one process).
+    pub comm_fraction: f64,
+    /// This process's rank and the world size.
+    pub rank: usize,
+    pub world_size: usize,
     pub wall_s: f64,
     pub skipped_samples: u64,
     pub checkpoints: Vec<SaveStats>,
@@ -142,11 +159,16 @@ fn model_config(spec: &JobSpec, classes: u32) -> EfficientNetConfig {
         effnet_config::BatchNormStyle::Tf => effnet_model::BatchNormStyle::Tf,
         effnet_config::BatchNormStyle::Pytorch => effnet_model::BatchNormStyle::Pytorch,
     };
+    let classifier_init = match model.classifier_init {
+        effnet_config::ClassifierInit::Uniform => effnet_model::ClassifierInit::Uniform,
+        effnet_config::ClassifierInit::Zero => effnet_model::ClassifierInit::Zero,
+    };
     base.with_classes(classes)
         .with_input_channels(model.input_channels)
         .with_dropout(model.dropout())
         .with_drop_path_rate(model.drop_path.rate)
         .with_batch_norm(batch_norm)
+        .with_classifier_init(classifier_init)
 }
 
 fn variant_index(variant: effnet_config::Variant) -> usize {
@@ -207,10 +229,17 @@ fn eval_transform(spec: &JobSpec) -> Result<EvalTransform> {
     EvalTransform::new(config).map_err(|e| Error::invalid("data.eval_crop", e.to_string()))
 }
 
-fn device(spec: &JobSpec) -> Result<Device> {
+/// The device of this process: the CPU, or the GPU of its local rank.
+fn device(spec: &JobSpec, local_rank: usize) -> Result<Device> {
     match spec.distributed.device {
         effnet_config::Device::Cpu => Ok(Device::Cpu),
-        effnet_config::Device::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        effnet_config::Device::Cuda if local_rank < tch::Cuda::device_count() as usize => {
+            Ok(Device::Cuda(local_rank))
+        }
+        effnet_config::Device::Cuda if tch::Cuda::is_available() => Err(Error::invalid(
+            "distributed.device",
+            format!("local rank {local_rank} has no GPU: libtorch sees {}", tch::Cuda::device_count()),
+        )),
         effnet_config::Device::Cuda => Err(Error::invalid(
             "distributed.device",
             "cuda was asked for but libtorch sees no CUDA device (a CPU-only build or no GPU)",
@@ -245,15 +274,6 @@ struct Prepared {
 }
 
 async fn prepare(spec: &JobSpec) -> Result<Prepared> {
-    if spec.distributed.workers > 1 {
-        return Err(Error::invalid(
-            "distributed.workers",
-            format!(
-                "{} workers asked for; `effnet run` trains in one process until data-parallel workers land",
-                spec.distributed.workers
-            ),
-        ));
-    }
     if spec.training.precision == effnet_config::Precision::Bf16 {
         return Err(Error::invalid(
             "training.precision",
@@ -366,7 +386,7 @@ async fn prepare(spec: &JobSpec) -> Result<Prepared> {
 /// Validate a job without training or writing anything: the spec, the datasets (opened and
 /// read), the model, and the derived plan.
 pub fn check(spec: &JobSpec) -> Result<RunPlan> {
-    device(spec)?;
+    device(spec, 0)?;
     let runtime = runtime()?;
     Ok(runtime.block_on(prepare(spec))?.plan)
 }
@@ -441,37 +461,50 @@ fn restore(
     Ok(state)
 }
 
-/// Evaluate `model` on `dataset` (resize + centre crop, all samples or the first `max_samples`).
+/// What [`evaluate`] reads and how.
+struct EvalSettings<'a> {
+    dataset: &'a Arc<Dataset>,
+    transform: &'a EvalTransform,
+    batch_size: usize,
+    /// All samples, or the first `max_samples` (split over the ranks).
+    max_samples: Option<u64>,
+    precision: Precision,
+}
+
+/// Evaluate `model` (resize + centre crop). With several ranks each evaluates its share of the
+/// validation set and the counts are summed, so every rank returns the same metrics.
 fn evaluate(
     runtime: &tokio::runtime::Runtime,
     model: &EfficientNet,
-    dataset: &Arc<Dataset>,
-    transform: &EvalTransform,
-    batch_size: usize,
-    max_samples: Option<u64>,
-    precision: Precision,
+    settings: &EvalSettings<'_>,
+    parallel: Option<&mut DataParallel>,
 ) -> Result<EvalMetrics> {
-    let device = precision.device;
+    let (rank, world) = parallel.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
+    let device = settings.precision.device;
     let started = Instant::now();
-    let plan = EpochPlan::new(0, 0, dataset.row_groups(), 1)?;
+    let plan = EpochPlan::new(0, 0, settings.dataset.row_groups(), world)?;
+    let limit =
+        settings.max_samples.map(|max| max / world as u64 + u64::from((rank as u64) < max % world as u64));
     let mut loader = runtime.block_on(async {
+        let cursor = initial_cursors(&plan).swap_remove(rank);
         let reader =
-            RankReader::new(dataset.clone(), plan.ranks[0].clone(), initial_cursors(&plan)[0].clone(), 1, 4)
-                .await?;
-        let options = LoaderOptions { batch_size, threads: 1, seed: 0, epoch: 0 };
-        BatchLoader::new(reader, Transform::Eval(transform.clone()), options)
+            RankReader::new(settings.dataset.clone(), plan.ranks[rank].clone(), cursor, 1, 4).await?;
+        let options = LoaderOptions { batch_size: settings.batch_size, threads: 1, seed: 0, epoch: 0 };
+        BatchLoader::new(reader, Transform::Eval(settings.transform.clone()), options)
     })?;
     let (mut samples, mut top1, mut top5, mut loss) = (0u64, 0i64, 0i64, 0f64);
     let classes = model.architecture().classes as i64;
-    while let Some(batch) = runtime.block_on(loader.next_batch())? {
+    while limit.is_none_or(|l| samples < l)
+        && let Some(batch) = runtime.block_on(loader.next_batch())?
+    {
         let mut n = batch.labels.len();
-        if let Some(limit) = max_samples {
+        if let Some(limit) = limit {
             n = n.min((limit - samples) as usize);
         }
         let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).narrow(0, 0, n as i64).to_device(device);
         let ys = Tensor::from_slice(&batch.labels[..n]).to_device(device);
         let (batch_loss, hits1, hits5) = tch::no_grad(|| -> Result<(f64, i64, i64)> {
-            let logits = precision.forward(model, &xs, false)?;
+            let logits = settings.precision.forward(model, &xs, false)?;
             let batch_loss =
                 logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0).double_value(&[]);
             let (hits1, hits5) = top_k_hits(&logits, &ys, classes.min(5));
@@ -481,17 +514,19 @@ fn evaluate(
         top1 += hits1;
         top5 += hits5;
         samples += n as u64;
-        if max_samples.is_some_and(|limit| samples >= limit) {
-            break;
-        }
     }
-    let denominator = samples.max(1) as f64;
+    let mut counts = [samples as f64, top1 as f64, top5 as f64, loss];
+    if let Some(parallel) = parallel {
+        parallel.sum(&mut counts)?;
+    }
+    let [samples, top1, top5, loss] = counts;
+    let denominator = samples.max(1.0);
     Ok(EvalMetrics {
-        top1: top1 as f64 / denominator,
-        top5: top5 as f64 / denominator,
+        top1: top1 / denominator,
+        top5: top5 / denominator,
         loss: loss / denominator,
-        samples,
-        images_per_s: samples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        samples: samples as u64,
+        images_per_s: samples / started.elapsed().as_secs_f64().max(1e-9),
     })
 }
 
@@ -529,10 +564,11 @@ pub fn top_k_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     log_every: u64,
+    rank: usize,
 }
 
 impl Progress {
-    fn new(show: bool, total: u64, position: u64, log_every: u64) -> Progress {
+    fn new(show: bool, total: u64, position: u64, log_every: u64, rank: usize) -> Progress {
         let bar = show.then(|| {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -543,7 +579,7 @@ impl Progress {
             bar.set_position(position);
             bar
         });
-        Progress { bar, log_every: log_every.max(1) }
+        Progress { bar, log_every: log_every.max(1), rank }
     }
 
     fn step(&self, step: u64, epoch: u64, loss: f64, lr: f64, images_per_s: f64) {
@@ -556,6 +592,7 @@ impl Progress {
             }
             None if step.is_multiple_of(self.log_every) => {
                 tracing::info!(
+                    rank = self.rank,
                     step,
                     epoch,
                     loss = format!("{loss:.4}"),
@@ -586,11 +623,154 @@ type PendingSave = tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>;
 
 /// Train the job to its last step, resuming as `options` says. Everything that can be rejected
 /// (spec, datasets, checkpoint) is checked before anything is written.
+///
+/// With [`Launch::Worker`] this process is one rank of a data-parallel group started by a
+/// launcher (`mpirun`, or one process per GPU with `RANK`/`WORLD_SIZE`); an error on any rank
+/// aborts the whole group, so no peer waits for it until its timeout.
 pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
-    let device = device(spec)?;
+    let local_rank = match options.launch {
+        Launch::Single => 0,
+        Launch::Worker => {
+            effnet_collective::WorldInfo::from_env()
+                .map_err(|e| Error::invalid("environment", e.to_string()))?
+                .local_rank
+        }
+    };
+    let device = device(spec, local_rank)?;
     let runtime = runtime()?;
-    let Prepared { plan, train, val, config } = runtime.block_on(prepare(spec))?;
+    let prepared = runtime.block_on(prepare(spec))?;
+    let mut parallel = connect(spec, options.launch, device)?;
+    let result = train(spec, &options, &runtime, prepared, device, &mut parallel, started);
+    if let (Err(error), Some(parallel)) = (&result, &parallel) {
+        // The others would wait in their next collective until the timeout: end them now.
+        eprintln!("effnet: rank {}: {error}", parallel.rank());
+        parallel.abort(if error.is_bad_input() { 2 } else { 1 });
+    }
+    result
+}
+
+/// The collective group of a worker, or `None` for a single process.
+fn connect(spec: &JobSpec, launch: Launch, device: Device) -> Result<Option<DataParallel>> {
+    let workers = spec.distributed.workers as usize;
+    if launch == Launch::Single {
+        if workers > 1 {
+            return Err(Error::invalid(
+                "distributed.workers",
+                format!(
+                    "{workers} workers need a launcher: `effnet run` starts them, or `mpirun -n {workers} effnet worker JOB.yaml`"
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let backend = match (spec.distributed.backend, device) {
+        (Some(effnet_config::Backend::Mpi), _) => effnet_collective::Backend::Mpi,
+        (Some(effnet_config::Backend::Nccl), _) => effnet_collective::Backend::Nccl,
+        (Some(effnet_config::Backend::Local), _) => {
+            return Err(Error::invalid(
+                "distributed.backend",
+                "local trains in one process; workers need mpi (CPU) or nccl (CUDA)",
+            ));
+        }
+        (None, Device::Cuda(_)) => effnet_collective::Backend::Nccl,
+        (None, _) => effnet_collective::Backend::Mpi,
+    };
+    let timeout = Duration::from_secs_f64(spec.distributed.timeout_s);
+    let collective: Box<dyn effnet_collective::Collective> = match backend {
+        effnet_collective::Backend::Mpi => {
+            if device.is_cuda() {
+                return Err(Error::invalid(
+                    "distributed.backend",
+                    "mpi reduces host memory; with device cuda use nccl",
+                ));
+            }
+            Box::new(effnet_collective::Mpi::init(timeout).map_err(|e| Error::Collective(e.to_string()))?)
+        }
+        effnet_collective::Backend::Nccl => {
+            if !device.is_cuda() {
+                return Err(Error::invalid("distributed.backend", "nccl needs distributed.device: cuda"));
+            }
+            let info = effnet_collective::WorldInfo::from_env()
+                .map_err(|e| Error::invalid("environment", e.to_string()))?;
+            let address = effnet_collective::rendezvous::address_from_env();
+            Box::new(
+                effnet_collective::Nccl::init(&info, &address, timeout)
+                    .map_err(|e| Error::Collective(e.to_string()))?,
+            )
+        }
+    };
+    if collective.world_size() != workers {
+        return Err(Error::invalid(
+            "distributed.workers",
+            format!("{workers} workers asked for, but the launcher started {}", collective.world_size()),
+        ));
+    }
+    let gradient_dtype = match spec.distributed.gradient_dtype {
+        effnet_config::GradientDtype::F32 => GradientDtype::F32,
+        effnet_config::GradientDtype::Bf16 => GradientDtype::Bf16,
+    };
+    Ok(Some(DataParallel::new(collective, spec.distributed.bucket_mb, gradient_dtype, device)))
+}
+
+/// What the feed gave one rank for its next micro-batch.
+enum Next {
+    Batch(effnet_vision::BatchParts, u64, DataCursor),
+    EpochEnd,
+}
+
+/// Take the feed's next item, reporting the samples skipped in an epoch that ended.
+fn next_item(
+    feed: &mut tokio::sync::mpsc::Receiver<Feed>,
+    metrics: &mut MetricsLog,
+    progress: &Progress,
+    skipped_samples: &mut u64,
+    waited: &mut Duration,
+) -> Result<Next> {
+    let wait_started = Instant::now();
+    let item = feed.blocking_recv();
+    *waited += wait_started.elapsed();
+    match item {
+        Some(Feed::Batch { batch, epoch, cursor }) => Ok(Next::Batch(batch, epoch, cursor)),
+        Some(Feed::EpochEnd { epoch, skipped }) => {
+            if !skipped.is_empty() {
+                *skipped_samples += skipped.len() as u64;
+                let keys: Vec<&str> = skipped.iter().map(|s| s.key.as_str()).collect();
+                progress.println(format!(
+                    "epoch {epoch}: skipped {} unusable samples: {}",
+                    keys.len(),
+                    keys.join(", ")
+                ));
+                let samples: Vec<_> =
+                    skipped.iter().map(|s| json!({"key": s.key, "reason": s.reason})).collect();
+                metrics.write("skipped", json!({ "epoch": epoch, "samples": samples }))?;
+            }
+            Ok(Next::EpochEnd)
+        }
+        Some(Feed::Failed(error)) => Err(error),
+        None => Err(Error::Internal("the data feed stopped".into())),
+    }
+}
+
+/// All ranks' variables of one store, for the collectives (name order, the same on every rank).
+fn all_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    sorted_variables(vs)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    spec: &JobSpec,
+    options: &RunOptions,
+    runtime: &tokio::runtime::Runtime,
+    prepared: Prepared,
+    device: Device,
+    parallel: &mut Option<DataParallel>,
+    started: Instant,
+) -> Result<RunSummary> {
+    let Prepared { plan, train, val, config } = prepared;
+    let (rank, world_size) = parallel.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
+    // Only rank 0 writes: job directory, metrics, checkpoints, summary.
+    let writer = rank == 0;
     let threads = spec
         .training
         .threads
@@ -610,6 +790,8 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     let precision = Precision { device, bf16, channels_last };
     let trainable: Vec<(String, Tensor)> =
         sorted_variables(&vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let synced_parameters: Vec<(String, Tensor)> =
+        trainable.iter().map(|(name, t)| (name.clone(), t.shallow_clone())).collect();
     let mut optimizer = Optimizer::new(
         OptimizerRule::from_config(&spec.optimizer),
         trainable,
@@ -654,13 +836,22 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
         }
         None => None,
     };
+    // Every rank built or loaded the same weights; rank 0's are authoritative all the same.
+    if let Some(parallel) = parallel.as_mut() {
+        parallel.broadcast_variables(&all_variables(&vs))?;
+        if let Some(store) = &ema_store {
+            parallel.broadcast_variables(&all_variables(store))?;
+        }
+    }
     let config_hash = hash_hex(&serde_json::to_vec(spec).map_err(|e| Error::Internal(e.to_string()))?);
     if let Some(restored) = &restored
         && restored.state.config_hash != config_hash
+        && writer
     {
         tracing::warn!(url = %restored.url, "the job spec changed since this checkpoint was written; continuing with the new spec");
     }
-    if options.resume == ResumeFrom::Fresh
+    if writer
+        && options.resume == ResumeFrom::Fresh
         && let Some(store) = &existing
     {
         let committed = runtime.block_on(store.committed())?;
@@ -669,19 +860,26 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
             runtime.block_on(store.purge(0, 0))?;
         }
     }
-    let checkpoints = match existing {
-        Some(store) => store,
-        None => CheckpointStore::new(
+    let checkpoints = match (writer, existing) {
+        (false, _) => None,
+        (true, Some(store)) => Some(store),
+        (true, None) => Some(CheckpointStore::new(
             effnet_store::open(&plan.checkpoint_url)
                 .map_err(|e| Error::invalid("checkpoint.url", e.to_string()))?,
-        ),
+        )),
     };
 
-    // From here on the run writes: job directory, metrics, checkpoints.
-    let mut metrics = MetricsLog::open(&plan.job_dir, spec.data.log_sample_keys)?;
-    let resolved = json!({ "spec": spec, "plan": &plan });
-    std::fs::write(plan.job_dir.join("job.json"), serde_json::to_vec_pretty(&resolved).unwrap_or_default())
-        .map_err(|source| Error::Io { path: plan.job_dir.join("job.json").display().to_string(), source })?;
+    // From here on rank 0 writes: job directory, metrics, checkpoints.
+    let mut metrics = if writer {
+        let metrics = MetricsLog::open(&plan.job_dir, spec.data.log_sample_keys)?;
+        let resolved = json!({ "spec": spec, "plan": &plan });
+        let path = plan.job_dir.join("job.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&resolved).unwrap_or_default())
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        metrics
+    } else {
+        MetricsLog::disabled()
+    };
     let mut step = restored.as_ref().map(|r| r.state.step).unwrap_or(0);
     let mut epoch = restored.as_ref().map(|r| r.state.epoch).unwrap_or(0);
     let mut samples_seen = restored.as_ref().map(|r| r.state.samples_seen).unwrap_or(0);
@@ -698,12 +896,13 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
             "global_batch": plan.global_batch,
             "threads": threads,
             "device": format!("{device:?}"),
-            "world_size": spec.distributed.workers,
+            "world_size": world_size,
+            "backend": parallel.as_ref().map(|p| p.collective().backend().to_string()),
             "model": &plan.model,
         }),
     )?;
     if let Some(restored) = &restored {
-        tracing::info!(url = %restored.url, step, "resuming");
+        tracing::info!(url = %restored.url, step, rank, "resuming");
     }
 
     let feed_settings = FeedSettings {
@@ -714,13 +913,15 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
         seed: spec.seed,
         shuffle_buffer: spec.data.shuffle_buffer as usize,
         prefetch: spec.data.prefetch as usize,
+        rank,
+        world_size,
     };
-    let mut feed = feed::spawn(&runtime, feed_settings, cursor.clone());
+    let mut feed = feed::spawn(runtime, feed_settings, cursor.clone());
     let eval = eval_transform(spec)?;
     let eval_batch = spec.eval.batch_size.unwrap_or(spec.data.batch_size * 2) as usize;
-    let show_progress =
-        options.progress.or(spec.training.progress).unwrap_or_else(|| std::io::stderr().is_terminal());
-    let progress = Progress::new(show_progress, plan.total_steps, step, spec.training.log_every as u64);
+    let show_progress = writer
+        && options.progress.or(spec.training.progress).unwrap_or_else(|| std::io::stderr().is_terminal());
+    let progress = Progress::new(show_progress, plan.total_steps, step, spec.training.log_every as u64, rank);
 
     let accumulate = spec.optimizer.accumulate_steps as u64;
     let label_smoothing = spec.optimizer.label_smoothing;
@@ -730,6 +931,7 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     let mut skipped_samples = 0u64;
     let mut train_time = Duration::ZERO;
     let mut wait_time = Duration::ZERO;
+    let mut comm_time = Duration::ZERO;
     let mut trained_images = 0u64;
 
     while step < plan.total_steps {
@@ -741,29 +943,34 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
         let mut images = 0u64;
         for micro in 0..accumulate {
             let (batch, batch_epoch, batch_cursor) = loop {
-                let wait_started = Instant::now();
-                let item = feed.blocking_recv();
-                waited += wait_started.elapsed();
-                match item {
-                    Some(Feed::Batch { batch, epoch, cursor }) => break (batch, epoch, cursor),
-                    Some(Feed::EpochEnd { epoch, skipped }) => {
-                        if !skipped.is_empty() {
-                            skipped_samples += skipped.len() as u64;
-                            let keys: Vec<&str> = skipped.iter().map(|s| s.key.as_str()).collect();
-                            progress.println(format!(
-                                "epoch {epoch}: skipped {} unusable samples: {}",
-                                keys.len(),
-                                keys.join(", ")
-                            ));
-                            metrics.write("skipped", json!({ "epoch": epoch, "samples": skipped.iter().map(|s| json!({"key": s.key, "reason": s.reason})).collect::<Vec<_>>() }))?;
+                let next = next_item(&mut feed, &mut metrics, &progress, &mut skipped_samples, &mut waited)?;
+                let Some(parallel) = parallel.as_mut() else {
+                    match next {
+                        Next::Batch(batch, epoch, cursor) => break (batch, epoch, cursor),
+                        Next::EpochEnd => continue,
+                    }
+                };
+                // Ranks hold unequal shares of an epoch: it ends for all when one runs out.
+                let mut ready = [if matches!(next, Next::Batch(..)) { 1.0 } else { 0.0 }];
+                parallel.sum(&mut ready)?;
+                match next {
+                    Next::Batch(batch, epoch, cursor) if ready[0] as usize == world_size => {
+                        break (batch, epoch, cursor);
+                    }
+                    Next::Batch(..) => {
+                        // Drop this rank's rest of the epoch, as a single process drops a short batch.
+                        while let Next::Batch(..) =
+                            next_item(&mut feed, &mut metrics, &progress, &mut skipped_samples, &mut waited)?
+                        {
                         }
                     }
-                    Some(Feed::Failed(error)) => return Err(error),
-                    None => return Err(Error::Internal("the data feed stopped".into())),
+                    Next::EpochEnd => {}
                 }
             };
             metrics.write_samples(step, &batch.keys)?;
-            tch::manual_seed(step_seed(spec.seed, step, micro));
+            // Rank r's micro-batch m is micro-batch r·accumulate + m of the global step: one
+            // process accumulating the same batches draws the same drop-path and dropout masks.
+            tch::manual_seed(step_seed(spec.seed, step, rank as u64 * accumulate + micro));
             let n = batch.labels.len() as u64;
             let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).to_device(device);
             let ys = Tensor::from_slice(&batch.labels).to_device(device);
@@ -779,6 +986,15 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
             epoch = batch_epoch;
             cursor = Some(batch_cursor);
         }
+        let mut loss = loss_sum / accumulate as f64;
+        let mut step_comm = Duration::ZERO;
+        if let Some(parallel) = parallel.as_mut() {
+            parallel.all_reduce_gradients(&synced_parameters)?;
+            let mut totals = [loss, images as f64];
+            parallel.sum(&mut totals)?;
+            loss = totals[0] / world_size as f64;
+            step_comm = parallel.take_comm_time();
+        }
         if let Some(max_norm) = spec.optimizer.grad_clip_norm {
             optimizer.clip_grad_norm(max_norm);
         }
@@ -789,12 +1005,13 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
             ema.update();
         }
         step += 1;
-        samples_seen += images;
+        let global_images = images * world_size as u64;
+        samples_seen += global_images;
         let elapsed = step_started.elapsed();
         train_time += elapsed;
         wait_time += waited;
+        comm_time += step_comm;
         trained_images += images;
-        let loss = loss_sum / accumulate as f64;
         if !loss.is_finite() {
             return Err(Error::Internal(format!(
                 "the loss became {loss} at step {step}; lower optimizer.lr or set optimizer.grad_clip_norm"
@@ -809,8 +1026,9 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
                 "loss": loss,
                 "lr": lr,
                 "drop_path": multiplier,
-                "images_per_s": images_per_s,
+                "images_per_s": images_per_s * world_size as f64,
                 "data_wait": waited.as_secs_f64() / elapsed.as_secs_f64().max(1e-9),
+                "comm": step_comm.as_secs_f64() / elapsed.as_secs_f64().max(1e-9),
                 "step_s": elapsed.as_secs_f64(),
             }),
         )?;
@@ -819,18 +1037,29 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
         let last = step == plan.total_steps;
         let mut metric = None;
         let eval_due = plan.eval_every_steps.is_some_and(|every| step.is_multiple_of(every)) || last;
+        let checkpoint_due = spec.checkpoint.every_steps.is_some_and(|every| step.is_multiple_of(every))
+            || (spec.checkpoint.at_epoch_end && step.is_multiple_of(plan.steps_per_epoch))
+            || last;
+        if let Some(parallel) = parallel.as_mut()
+            && ((eval_due && val.is_some()) || checkpoint_due)
+        {
+            // Each rank's BatchNorm statistics saw only its own batches: evaluate and save their mean.
+            parallel.average_buffers(&all_variables(&vs))?;
+            if let Some(store) = &ema_store {
+                parallel.average_buffers(&all_variables(store))?;
+            }
+        }
         if eval_due && let Some(val) = &val {
-            let raw = evaluate(&runtime, &model, val, &eval, eval_batch, spec.eval.max_samples, precision)?;
+            let settings = EvalSettings {
+                dataset: val,
+                transform: &eval,
+                batch_size: eval_batch,
+                max_samples: spec.eval.max_samples,
+                precision,
+            };
+            let raw = evaluate(runtime, &model, &settings, parallel.as_mut())?;
             let averaged = match (&ema_model, spec.eval.ema) {
-                (Some(ema_model), true) => Some(evaluate(
-                    &runtime,
-                    ema_model,
-                    val,
-                    &eval,
-                    eval_batch,
-                    spec.eval.max_samples,
-                    precision,
-                )?),
+                (Some(ema_model), true) => Some(evaluate(runtime, ema_model, &settings, parallel.as_mut())?),
                 _ => None,
             };
             progress.println(format!(
@@ -845,73 +1074,108 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
             val_metrics = Some(raw);
             val_ema_metrics = averaged;
         }
-        let checkpoint_due = spec.checkpoint.every_steps.is_some_and(|every| step.is_multiple_of(every))
-            || (spec.checkpoint.at_epoch_end && step.is_multiple_of(plan.steps_per_epoch))
-            || last;
         if checkpoint_due {
-            let state = TrainState {
-                format: STATE_FORMAT,
-                step,
-                epoch,
-                samples_seen,
-                data: cursor.clone(),
-                seed: spec.seed,
-                model: plan.model.clone(),
-                config_hash: config_hash.clone(),
-                optimizer_steps: optimizer.steps(),
-                ema_updates: ema.as_ref().map(|e| e.updates()),
-                world_size: spec.distributed.workers,
-                val: val_metrics,
-                val_ema: val_ema_metrics,
+            let data = match (parallel.as_mut(), &cursor) {
+                (Some(parallel), Some(mine)) => {
+                    // Rank 0 saves every rank's position in the shared plan.
+                    let bytes =
+                        serde_json::to_vec(&mine.ranks).map_err(|e| Error::Internal(e.to_string()))?;
+                    let mut ranks = Vec::with_capacity(world_size);
+                    for part in parallel.all_gather_bytes(&bytes)? {
+                        let mut cursors: Vec<effnet_data::plan::RankCursor> =
+                            serde_json::from_slice(&part)
+                                .map_err(|e| Error::Internal(format!("a rank's data cursor: {e}")))?;
+                        ranks.append(&mut cursors);
+                    }
+                    Some(DataCursor { plan: mine.plan.clone(), ranks })
+                }
+                _ => cursor.clone(),
             };
-            let mut files = vec![
-                (MODEL_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(&vs))?)),
-                (OPTIMIZER_FILE.to_string(), Bytes::from(to_safetensors(&optimizer.state_tensors())?)),
-            ];
-            if let Some(store) = &ema_store {
-                files.push((EMA_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(store))?)));
+            if let Some(checkpoints) = &checkpoints {
+                let state = TrainState {
+                    format: STATE_FORMAT,
+                    step,
+                    epoch,
+                    samples_seen,
+                    data,
+                    seed: spec.seed,
+                    model: plan.model.clone(),
+                    config_hash: config_hash.clone(),
+                    optimizer_steps: optimizer.steps(),
+                    ema_updates: ema.as_ref().map(|e| e.updates()),
+                    world_size: world_size as u32,
+                    val: val_metrics,
+                    val_ema: val_ema_metrics,
+                };
+                let mut files = vec![
+                    (MODEL_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(&vs))?)),
+                    (OPTIMIZER_FILE.to_string(), Bytes::from(to_safetensors(&optimizer.state_tensors())?)),
+                ];
+                if let Some(store) = &ema_store {
+                    files
+                        .push((EMA_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(store))?)));
+                }
+                let state_json =
+                    serde_json::to_vec_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
+                files.push((STATE_FILE.to_string(), Bytes::from(state_json)));
+                // At most one save in flight: wait for the previous one before starting the next.
+                if let Some(previous) = pending.take() {
+                    let stats = finish_save(runtime, previous, &mut metrics)?;
+                    saves.push(stats);
+                }
+                let store = checkpoints.clone();
+                let (keep_last, keep_best) =
+                    (spec.checkpoint.keep_last as usize, spec.checkpoint.keep_best as usize);
+                pending = Some(runtime.spawn(async move {
+                    let stats = store.save(step, metric, files).await?;
+                    let deleted = store.purge(keep_last, keep_best).await?;
+                    Ok((stats, deleted))
+                }));
             }
-            let state_json = serde_json::to_vec_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
-            files.push((STATE_FILE.to_string(), Bytes::from(state_json)));
-            // At most one save in flight: wait for the previous one before starting the next.
-            if let Some(previous) = pending.take() {
-                let stats = finish_save(&runtime, previous, &mut metrics)?;
-                saves.push(stats);
-            }
-            let store = checkpoints.clone();
-            let (keep_last, keep_best) =
-                (spec.checkpoint.keep_last as usize, spec.checkpoint.keep_best as usize);
-            pending = Some(runtime.spawn(async move {
-                let stats = store.save(step, metric, files).await?;
-                let deleted = store.purge(keep_last, keep_best).await?;
-                Ok((stats, deleted))
-            }));
         }
     }
     if let Some(previous) = pending.take() {
-        saves.push(finish_save(&runtime, previous, &mut metrics)?);
+        saves.push(finish_save(runtime, previous, &mut metrics)?);
     }
     progress.finish();
     let train_s = train_time.as_secs_f64();
+    if world_size > 1 {
+        tracing::info!(
+            rank,
+            images_per_s =
+                format!("{:.1}", if train_s > 0.0 { trained_images as f64 / train_s } else { 0.0 }),
+            comm = format!("{:.1}%", 100.0 * comm_time.as_secs_f64() / train_s.max(1e-9)),
+            "rank throughput"
+        );
+    }
     let summary = RunSummary {
         resumed_from: restored.as_ref().map(|r| r.state.step),
         steps: step,
         val: val_metrics,
         val_ema: val_ema_metrics,
-        train_images_per_s: if train_s > 0.0 { trained_images as f64 / train_s } else { 0.0 },
+        train_images_per_s: if train_s > 0.0 {
+            (trained_images * world_size as u64) as f64 / train_s
+        } else {
+            0.0
+        },
         data_wait_fraction: if train_s > 0.0 { wait_time.as_secs_f64() / train_s } else { 0.0 },
+        comm_fraction: if train_s > 0.0 { comm_time.as_secs_f64() / train_s } else { 0.0 },
+        rank,
+        world_size,
         wall_s: started.elapsed().as_secs_f64(),
         skipped_samples,
         checkpoints: saves,
         plan,
     };
-    metrics.write(
-        "end",
-        json!({ "steps": step, "steps_this_attempt": step - first_step, "summary": &summary }),
-    )?;
-    let path = summary.plan.job_dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
-        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    if writer {
+        metrics.write(
+            "end",
+            json!({ "steps": step, "steps_this_attempt": step - first_step, "summary": &summary }),
+        )?;
+        let path = summary.plan.job_dir.join("summary.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    }
     Ok(summary)
 }
 

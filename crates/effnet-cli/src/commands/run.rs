@@ -1,11 +1,20 @@
-//! `effnet run JOB.yaml`: train a job in this process, resuming from its newest checkpoint.
+//! `effnet run JOB.yaml`: train a job, resuming from its newest checkpoint. One worker trains in
+//! this process; with `distributed.workers: W > 1` the job is checked here, then W worker
+//! processes are launched on this machine (`mpirun -n W effnet worker JOB.yaml` for MPI, or W
+//! processes with `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT` for NCCL).
+//!
+//! `effnet worker JOB.yaml`: one rank of such a group, started by a launcher (mpirun, Slurm's
+//! srun, torchrun-style environment). Rank 0 writes the job directory and prints the summary.
 
 use std::path::PathBuf;
+use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use effnet_config::JobSpec;
-use effnet_train::{ResumeFrom, RunOptions, RunPlan, RunSummary};
+use effnet_train::{Launch, ResumeFrom, RunOptions, RunPlan, RunSummary};
+
+use crate::failure::{WorkersFailed, bad_input};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -37,7 +46,21 @@ enum Progress {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    train(args, Launch::Single)
+}
+
+/// `effnet worker JOB.yaml`: one rank of a launched group.
+pub fn worker(args: RunArgs) -> Result<()> {
+    train(args, Launch::Worker)
+}
+
+fn train(args: RunArgs, launch: Launch) -> Result<()> {
     let spec = JobSpec::load(&args.job)?;
+    if launch == Launch::Single && spec.distributed.workers > 1 && !args.check {
+        // Reject a bad job here, in one line, before any worker starts.
+        effnet_train::check(&spec)?;
+        return launch_workers(&args, &spec);
+    }
     if args.check {
         let plan = effnet_train::check(&spec)?;
         if args.json {
@@ -58,13 +81,133 @@ pub fn run(args: RunArgs) -> Result<()> {
         Progress::Always => Some(true),
         Progress::Never => Some(false),
     };
-    let summary = effnet_train::run(&spec, RunOptions { resume, progress })?;
+    let summary = effnet_train::run(&spec, RunOptions { resume, progress, launch })?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_summary(&summary);
     }
     Ok(())
+}
+
+/// The arguments a worker gets: the same job and resume choice.
+fn worker_args(args: &RunArgs) -> Vec<String> {
+    let mut out = vec!["worker".to_string(), args.job.display().to_string()];
+    if let Some(url) = &args.resume {
+        out.extend(["--resume".into(), url.clone()]);
+    }
+    if args.fresh {
+        out.push("--fresh".into());
+    }
+    let progress = match args.progress {
+        Progress::Auto => "auto",
+        Progress::Always => "always",
+        Progress::Never => "never",
+    };
+    out.extend(["--progress".into(), progress.into()]);
+    if args.json {
+        out.push("--json".into());
+    }
+    out
+}
+
+/// Start `distributed.workers` worker processes on this machine and wait for them.
+fn launch_workers(args: &RunArgs, spec: &JobSpec) -> Result<()> {
+    let workers = spec.distributed.workers as usize;
+    let exe = std::env::current_exe().context("locating the effnet binary")?;
+    let cuda = spec.distributed.device == effnet_config::Device::Cuda;
+    let backend = spec.distributed.backend.unwrap_or(if cuda {
+        effnet_config::Backend::Nccl
+    } else {
+        effnet_config::Backend::Mpi
+    });
+    let status = match backend {
+        effnet_config::Backend::Mpi => {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let mut command = Command::new("mpirun");
+            command.arg("-n").arg(workers.to_string());
+            // One core per rank when there are enough; otherwise let them share.
+            if cores >= workers {
+                command.args(["--bind-to", "core"]);
+            } else {
+                command.args(["--bind-to", "none", "--oversubscribe"]);
+            }
+            if is_root() {
+                command.arg("--allow-run-as-root");
+            }
+            command.arg(&exe).args(worker_args(args));
+            command.status().map_err(|e| {
+                bad_input!(
+                    "distributed.backend: mpi needs Open MPI's mpirun on PATH (Debian: apt install openmpi-bin): {e}"
+                )
+            })?
+        }
+        effnet_config::Backend::Nccl => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("choosing a rendezvous port")?
+                .port();
+            let mut children = Vec::with_capacity(workers);
+            for rank in 0..workers {
+                let child = Command::new(&exe)
+                    .args(worker_args(args))
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", workers.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("LOCAL_WORLD_SIZE", workers.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .spawn()
+                    .context("starting a worker")?;
+                children.push(child);
+            }
+            // The first failure ends the others (they would wait for it until their timeout).
+            let mut first_failure = None;
+            let mut running: Vec<_> = children.into_iter().collect();
+            while !running.is_empty() {
+                let mut still = Vec::new();
+                for mut child in running {
+                    match child.try_wait()? {
+                        Some(status) if !status.success() && first_failure.is_none() => {
+                            first_failure = Some(status)
+                        }
+                        Some(_) => {}
+                        None => still.push(child),
+                    }
+                }
+                if first_failure.is_some() {
+                    for child in &mut still {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    still.clear();
+                }
+                running = still;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            match first_failure {
+                Some(status) => status,
+                None => return Ok(()),
+            }
+        }
+        effnet_config::Backend::Local => {
+            return Err(bad_input!(
+                "distributed.backend: local trains in one process, but distributed.workers is {workers}"
+            ));
+        }
+    };
+    if status.success() {
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(WorkersFailed { code: status.code().unwrap_or(1) }))
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 fn print_plan(plan: &RunPlan) {
@@ -115,6 +258,13 @@ fn print_summary(summary: &RunSummary) {
         summary.data_wait_fraction * 100.0,
         summary.wall_s
     );
+    if summary.world_size > 1 {
+        println!(
+            "workers          {} (all-reduce {:.1}% of rank 0's step time)",
+            summary.world_size,
+            summary.comm_fraction * 100.0
+        );
+    }
     if summary.skipped_samples > 0 {
         println!("skipped          {} unusable samples (keys in metrics.jsonl)", summary.skipped_samples);
     }

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use effnet_data::prepare::encode_grey_png;
+use effnet_data::writer::{DatasetWriter, WriterOptions};
+
 pub struct Outcome {
     pub code: i32,
     pub stdout: String,
@@ -41,4 +44,31 @@ pub fn assert_bad_input(outcome: &Outcome, needles: &[&str]) {
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("workspace root").to_path_buf()
+}
+
+pub const CLASSES: usize = 4;
+
+/// A learnable grey dataset: class `c` lights up quadrant `c` of a 16×16 image, plus noise.
+pub fn synthetic_dataset(url: &str, samples: usize, salt: usize, rows_per_group: usize) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let location = effnet_store::open(url).unwrap();
+        let classes = (0..CLASSES).map(|c| format!("quadrant-{c}")).collect();
+        let options = WriterOptions { rows_per_group, groups_per_part: 4 };
+        let mut writer = DatasetWriter::create(location, "synthetic", classes, options).await.unwrap();
+        for i in 0..samples {
+            let label = i % CLASSES;
+            let pixels: Vec<u8> = (0..256)
+                .map(|p| {
+                    let (x, y) = (p % 16, p / 16);
+                    let quadrant = (y / 8) * 2 + x / 8;
+                    let noise = ((p * 31 + i * 17 + salt * 7) % 41) as u8;
+                    if quadrant == label { 180 + noise } else { noise }
+                })
+                .collect();
+            let image = encode_grey_png(&pixels, 16, 16).unwrap();
+            writer.push(format!("s{salt}-{i:04}"), image, label as i32).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+    });
 }

@@ -1,0 +1,161 @@
+//! Data-parallel training under a real `mpirun` (Open MPI): the central correctness test (2 ranks ×
+//! batch B against 1 rank × batch 2B on the same samples), the launcher, and bad set-ups.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_bad_input, effnet, synthetic_dataset};
+use effnet_train::tensors::from_safetensors;
+
+/// Rows per row group = the per-rank batch, so with the shuffle buffer off (1) rank r's batch
+/// at step s is row group `plan[2s + r]`, exactly micro-batch r of a single process's step s.
+const BATCH: usize = 8;
+
+fn data_dir() -> PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    synthetic_dataset(dir.join("train").to_str().unwrap(), 96, 0, BATCH);
+    synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1, BATCH);
+    dir
+}
+
+/// A job over `data`: `workers` ranks of `batch` images each, accumulating `accumulate`
+/// micro-batches. Dropout and drop path are off: their masks are seeded by the global
+/// micro-batch, but each rank's reader orders the rows of a row group with its own shuffle
+/// stream, so a mask position would meet another sample than in the single process.
+fn write_job(data: &Path, workers: u32, accumulate: u32, steps: u64) -> (PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let yaml = dir.join("job.yaml");
+    let text = format!(
+        "name: dp-test
+job_dir: {job}
+seed: 11
+model:
+  variant: b0
+  input_channels: 1
+  resolution: 16
+  classifier_init: zero
+  dropout: 0.0
+  drop_path:
+    rate: 0.0
+data:
+  train: {train}
+  val: {val}
+  batch_size: {BATCH}
+  loader_threads: 1
+  shuffle_buffer: 1
+  normalization: fashion_mnist
+  augmentation:
+    crop_scale: [0.5, 1.0]
+optimizer:
+  kind: sgd
+  lr: 0.02
+  accumulate_steps: {accumulate}
+schedule:
+  kind: cosine
+  warmup_steps: 2
+training:
+  steps: {steps}
+  threads: 1
+eval:
+  every_steps: 1000
+  max_samples: 32
+checkpoint:
+  every_steps: 2
+  keep_last: 10
+distributed:
+  workers: {workers}
+  backend: {backend}
+  timeout_s: 60
+",
+        job = dir.join("job").display(),
+        train = data.join("train").display(),
+        val = data.join("val").display(),
+        backend = if workers > 1 { "mpi" } else { "local" },
+    );
+    std::fs::write(&yaml, text).unwrap();
+    (dir, yaml)
+}
+
+fn parameters_at(dir: &Path, step: u64) -> Vec<(String, tch::Tensor)> {
+    let bytes = std::fs::read(dir.join(format!("job/checkpoints/step-{step:08}/model.safetensors"))).unwrap();
+    let mut tensors: Vec<(String, tch::Tensor)> = from_safetensors(&bytes).unwrap().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+#[test]
+fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
+    let data = data_dir();
+    let steps = 4;
+    let (single_dir, single) = write_job(&data, 1, 2, steps);
+    let (pair_dir, pair) = write_job(&data, 2, 1, steps);
+    let one = effnet(&["run", single.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(one.code, 0, "{}", one.stderr);
+    // `effnet run` launches `mpirun -n 2 effnet worker` itself.
+    let two = effnet(&["run", pair.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(two.code, 0, "{}", two.stderr);
+    assert!(two.stdout.contains("workers          2 (all-reduce"), "{}", two.stdout);
+    assert!(two.stdout.contains("steps            4 (6 per epoch, global batch 16)"), "{}", two.stdout);
+    // Movement is measured between the saved steps 2 and 4 of the single process.
+    let earlier = parameters_at(&single_dir, 2);
+
+    // Tolerance. The two runs compute the same mean gradient in a different order (backward
+    // accumulates g0/2 + g1/2 into one buffer; MPI sums g0 + g1 and divides by 2), so they start
+    // apart by f32 rounding, ~1e-7. SGD is linear in the gradient, but the network is not: each
+    // step amplifies the rounding (measured here: 1.2e-7 after 2 steps, 7e-7 after 4, 1.3e-5
+    // after 6), the way two single-process runs with different summation orders drift. So the
+    // bound is 1e-6 after 2 steps (a few ulps) and 1e-5 after 4. A real fault (a sum instead of
+    // a mean, a missing rank, other samples, unsynchronised weights) is off by lr × gradient at
+    // the first step already: the weights move by > 1e-3 between steps 2 and 4.
+    // (Adam is not used: its first steps move every weight by ±lr whatever the gradient's size,
+    // so a near-zero gradient whose sign rounding flips would differ by 2·lr.)
+    for (step, bound) in [(2, 1e-6), (4, 1e-5)] {
+        let a = parameters_at(&single_dir, step);
+        let b = parameters_at(&pair_dir, step);
+        assert_eq!(a.len(), b.len());
+        let (mut worst, mut worst_name, mut moved, mut compared) = (0f64, String::new(), 0f64, 0);
+        for (((name_a, ta), (name_b, tb)), (_, t0)) in a.iter().zip(&b).zip(&earlier) {
+            assert_eq!(name_a, name_b);
+            // BatchNorm running statistics legitimately differ: one rank folds its two
+            // micro-batches in one after the other, two ranks fold one each and average.
+            if ["running_mean", "running_var", "num_batches_tracked"].iter().any(|s| name_a.ends_with(s)) {
+                continue;
+            }
+            let diff = (ta - tb).abs().max().double_value(&[]);
+            if diff > worst {
+                worst = diff;
+                worst_name = name_a.clone();
+            }
+            moved = moved.max((ta - t0).abs().max().double_value(&[]));
+            compared += 1;
+        }
+        assert!(compared > 100, "compared {compared} parameters");
+        assert!(worst < bound, "step {step}: largest parameter difference {worst:e} in {worst_name}");
+        if step == 4 {
+            assert!(moved > 1e-3, "the weights barely moved ({moved:e}): the comparison would prove nothing");
+        }
+    }
+}
+
+#[test]
+fn workers_need_a_multi_process_backend_and_a_matching_launch() {
+    let data = data_dir();
+    let (dir, yaml) = write_job(&data, 2, 1, 4);
+    let text = std::fs::read_to_string(&yaml).unwrap().replace("backend: mpi", "backend: local");
+    std::fs::write(&yaml, text).unwrap();
+    let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_bad_input(&outcome, &["distributed.backend", "local"]);
+    assert!(!dir.join("job").exists());
+
+    // A worker started alone (a world of one) for a two-worker job names the mismatch.
+    let (dir, yaml) = write_job(&data, 2, 1, 4);
+    let outcome = effnet(&["worker", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("distributed.workers: 2 workers asked for, but the launcher started 1"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!dir.join("job").exists());
+}
