@@ -40,6 +40,7 @@ bench: venv-reference
 	@scripts/bench-model.sh
 	@scripts/bench-loader.sh
 	@scripts/bench-train.sh
+	@scripts/bench-distributed.sh
 
 clean-venv:
 	rm -rf .venv
