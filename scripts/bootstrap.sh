@@ -69,6 +69,13 @@ print(os.path.relpath(os.path.dirname(spec.origin), sys.argv[1]))
 PY
 )"
 ln -sfn "$TORCH_DIR" "$VENV/libtorch"
+# cudarc loads NCCL as `libnccl.so`; the nvidia-nccl wheel ships `libnccl.so.2`. CUDA builds of
+# effnet carry .venv/nccl in their rpath.
+NCCL_SO="$(find "$VENV/lib" -path '*nvidia/nccl/lib/libnccl.so.2' 2>/dev/null | head -1)"
+if [[ -n "$NCCL_SO" ]]; then
+  mkdir -p "$VENV/nccl"
+  ln -sfn "$NCCL_SO" "$VENV/nccl/libnccl.so"
+fi
 [[ -f "$VENV/libtorch/lib/libtorch_cpu.so" ]] || { echo "bootstrap: libtorch_cpu.so missing under $VENV/$TORCH_DIR" >&2; exit 1; }
 
 # Debian packages: Fashion-MNIST for the demo and tests, Open MPI (CPU collectives; the `mpi`

@@ -13,5 +13,12 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        // cudarc dlopens NCCL by the name `libnccl.so`; pip's wheel has only `libnccl.so.2`, so
+        // bootstrap links one into `.venv/nccl` (next to `.venv/libtorch`), searched via RUNPATH.
+        if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB")
+            && let Some(venv) = std::path::Path::new(&lib).parent().and_then(|p| p.parent())
+        {
+            println!("cargo:rustc-link-arg=-Wl,-rpath={}", venv.join("nccl").display());
+        }
     }
 }
