@@ -752,11 +752,6 @@ fn next_item(
     }
 }
 
-/// All ranks' variables of one store, for the collectives (name order, the same on every rank).
-fn all_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
-    sorted_variables(vs)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn train(
     spec: &JobSpec,
@@ -838,9 +833,9 @@ fn train(
     };
     // Every rank built or loaded the same weights; rank 0's are authoritative all the same.
     if let Some(parallel) = parallel.as_mut() {
-        parallel.broadcast_variables(&all_variables(&vs))?;
+        parallel.broadcast_variables(&sorted_variables(&vs))?;
         if let Some(store) = &ema_store {
-            parallel.broadcast_variables(&all_variables(store))?;
+            parallel.broadcast_variables(&sorted_variables(store))?;
         }
     }
     let config_hash = hash_hex(&serde_json::to_vec(spec).map_err(|e| Error::Internal(e.to_string()))?);
@@ -1044,9 +1039,9 @@ fn train(
             && ((eval_due && val.is_some()) || checkpoint_due)
         {
             // Each rank's BatchNorm statistics saw only its own batches: evaluate and save their mean.
-            parallel.average_buffers(&all_variables(&vs))?;
+            parallel.average_buffers(&sorted_variables(&vs))?;
             if let Some(store) = &ema_store {
-                parallel.average_buffers(&all_variables(store))?;
+                parallel.average_buffers(&sorted_variables(store))?;
             }
         }
         if eval_due && let Some(val) = &val {
