@@ -31,6 +31,9 @@ enum Command {
     Run(commands::run::RunArgs),
     /// One rank of a data-parallel job, started by a launcher (mpirun, srun, or RANK/WORLD_SIZE).
     Worker(commands::run::RunArgs),
+    /// Evaluate a committed checkpoint on a dataset: top-1/top-5, loss, per-class accuracy,
+    /// confusion matrix, parameters, GFLOPs, throughput, peak memory.
+    Eval(commands::eval::EvalArgs),
     /// Inspect EfficientNet variants and run inference with saved weights.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Worker(args) => commands::run::worker(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Model(command) => commands::model::run(command),
         Command::Prepare(args) => commands::data::prepare(args),
         Command::Data(command) => commands::data::run(command),

@@ -7,6 +7,7 @@
 //! - [`optim`]: RMSProp-TF, SGD (Nesterov) and AdamW with named, checkpointable state.
 //! - [`schedule`]: learning rate (warm-up, exponential, cosine) and the drop-path ramp.
 //! - [`ema`]: the weight average, kept in a second model.
+//! - [`evaluate`]: top-1/top-5/loss and the confusion matrix of a model on a dataset.
 //! - [`checkpoint`]: `step-NNNNNNNN/` directories with a `COMMIT` marker; keep last/best k.
 //! - [`tensors`]: named tensors to and from safetensors bytes.
 //! - [`amp`]: bf16 autocast and channels_last through a small C++ shim (tch has neither).
@@ -18,6 +19,7 @@ pub mod amp;
 pub mod checkpoint;
 pub mod ema;
 pub mod error;
+pub mod evaluate;
 pub mod feed;
 pub mod metrics;
 pub mod optim;

@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use effnet_config::{JobSpec, Span};
-use effnet_data::loader::{BatchLoader, LoaderOptions, Transform};
-use effnet_data::plan::initial_cursors;
-use effnet_data::reader::{Dataset, RankReader};
-use effnet_data::{DataCursor, EpochPlan};
+use effnet_data::DataCursor;
+use effnet_data::loader::Transform;
+use effnet_data::reader::Dataset;
 use effnet_model::{EfficientNet, EfficientNetConfig};
 use effnet_vision::{
     ChannelPolicy, EvalConfig, EvalTransform, Normalization, RandAugment, RandomResizedCrop, TrainConfig,
@@ -26,13 +25,15 @@ use effnet_vision::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tch::nn::{ModuleT, VarStore};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::nn::VarStore;
+use tch::{Device, Reduction, Tensor};
 
 use crate::amp;
 use crate::checkpoint::{self, CheckpointStore, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, SaveStats};
 use crate::ema::Ema;
 use crate::error::{Error, Result};
+pub use crate::evaluate::{EvalMetrics, top_k_hits};
+use crate::evaluate::{EvalSettings, Precision, evaluate};
 use crate::feed::{self, Feed, FeedSettings};
 use crate::metrics::MetricsLog;
 use crate::optim::{Optimizer, OptimizerRule};
@@ -78,15 +79,6 @@ pub struct ModelIdentity {
     pub parameters: i64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalMetrics {
-    pub top1: f64,
-    pub top5: f64,
-    pub loss: f64,
-    pub samples: u64,
-    pub images_per_s: f64,
-}
-
 /// `state.json` of a checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainState {
@@ -103,6 +95,10 @@ pub struct TrainState {
     pub world_size: u32,
     pub val: Option<EvalMetrics>,
     pub val_ema: Option<EvalMetrics>,
+    /// The job spec the checkpoint was trained with, so it can be evaluated on its own
+    /// (absent in checkpoints written before it was added).
+    #[serde(default)]
+    pub spec: Option<JobSpec>,
 }
 
 /// The plan derived from a job spec: numbers a user can check with `effnet run --check`.
@@ -145,7 +141,7 @@ pub struct RunSummary {
 
 const STATE_FORMAT: u32 = 1;
 
-fn model_config(spec: &JobSpec, classes: u32) -> EfficientNetConfig {
+pub(crate) fn model_config(spec: &JobSpec, classes: u32) -> EfficientNetConfig {
     let model = &spec.model;
     let base = match (model.variant, model.phi) {
         (Some(variant), _) => EfficientNetConfig::named(effnet_model::Variant::ALL[variant_index(variant)]),
@@ -218,7 +214,7 @@ fn train_transform(spec: &JobSpec) -> Result<Transform> {
     Ok(Transform::Train(transform))
 }
 
-fn eval_transform(spec: &JobSpec) -> Result<EvalTransform> {
+pub(crate) fn eval_transform(spec: &JobSpec) -> Result<EvalTransform> {
     let config = EvalConfig {
         size: spec.model.resolution(),
         crop_pct: spec.data.eval_crop,
@@ -247,7 +243,7 @@ fn device(spec: &JobSpec, local_rank: usize) -> Result<Device> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("effnet-io")
@@ -262,7 +258,7 @@ fn hash_hex(bytes: &[u8]) -> String {
 }
 
 /// Open a dataset named by a job field, turning every failure into an error naming the field.
-async fn open_dataset(field: &str, url: &str) -> Result<Arc<Dataset>> {
+pub(crate) async fn open_dataset(field: &str, url: &str) -> Result<Arc<Dataset>> {
     Dataset::open(url).await.map_err(|e| Error::invalid(field, format!("cannot open dataset {url}: {e}")))
 }
 
@@ -459,106 +455,6 @@ fn restore(
         }
     }
     Ok(state)
-}
-
-/// What [`evaluate`] reads and how.
-struct EvalSettings<'a> {
-    dataset: &'a Arc<Dataset>,
-    transform: &'a EvalTransform,
-    batch_size: usize,
-    /// All samples, or the first `max_samples` (split over the ranks).
-    max_samples: Option<u64>,
-    precision: Precision,
-}
-
-/// Evaluate `model` (resize + centre crop). With several ranks each evaluates its share of the
-/// validation set and the counts are summed, so every rank returns the same metrics.
-fn evaluate(
-    runtime: &tokio::runtime::Runtime,
-    model: &EfficientNet,
-    settings: &EvalSettings<'_>,
-    parallel: Option<&mut DataParallel>,
-) -> Result<EvalMetrics> {
-    let (rank, world) = parallel.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
-    let device = settings.precision.device;
-    let started = Instant::now();
-    let plan = EpochPlan::new(0, 0, settings.dataset.row_groups(), world)?;
-    let limit =
-        settings.max_samples.map(|max| max / world as u64 + u64::from((rank as u64) < max % world as u64));
-    let mut loader = runtime.block_on(async {
-        let cursor = initial_cursors(&plan).swap_remove(rank);
-        let reader =
-            RankReader::new(settings.dataset.clone(), plan.ranks[rank].clone(), cursor, 1, 4).await?;
-        let options = LoaderOptions { batch_size: settings.batch_size, threads: 1, seed: 0, epoch: 0 };
-        BatchLoader::new(reader, Transform::Eval(settings.transform.clone()), options)
-    })?;
-    let (mut samples, mut top1, mut top5, mut loss) = (0u64, 0i64, 0i64, 0f64);
-    let classes = model.architecture().classes as i64;
-    while limit.is_none_or(|l| samples < l)
-        && let Some(batch) = runtime.block_on(loader.next_batch())?
-    {
-        let mut n = batch.labels.len();
-        if let Some(limit) = limit {
-            n = n.min((limit - samples) as usize);
-        }
-        let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).narrow(0, 0, n as i64).to_device(device);
-        let ys = Tensor::from_slice(&batch.labels[..n]).to_device(device);
-        let (batch_loss, hits1, hits5) = tch::no_grad(|| -> Result<(f64, i64, i64)> {
-            let logits = settings.precision.forward(model, &xs, false)?;
-            let batch_loss =
-                logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0).double_value(&[]);
-            let (hits1, hits5) = top_k_hits(&logits, &ys, classes.min(5));
-            Ok((batch_loss, hits1, hits5))
-        })?;
-        loss += batch_loss;
-        top1 += hits1;
-        top5 += hits5;
-        samples += n as u64;
-    }
-    let mut counts = [samples as f64, top1 as f64, top5 as f64, loss];
-    if let Some(parallel) = parallel {
-        parallel.sum(&mut counts)?;
-    }
-    let [samples, top1, top5, loss] = counts;
-    let denominator = samples.max(1.0);
-    Ok(EvalMetrics {
-        top1: top1 / denominator,
-        top5: top5 / denominator,
-        loss: loss / denominator,
-        samples: samples as u64,
-        images_per_s: samples / started.elapsed().as_secs_f64().max(1e-9),
-    })
-}
-
-/// How the forward pass runs: device, bf16 autocast, channels_last inputs.
-#[derive(Clone, Copy, Debug)]
-struct Precision {
-    device: Device,
-    bf16: bool,
-    channels_last: bool,
-}
-
-impl Precision {
-    /// Logits in float32 whatever the compute precision, so losses and metrics are computed in
-    /// float32.
-    fn forward(&self, model: &EfficientNet, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = if self.channels_last { amp::channels_last(xs)? } else { xs.shallow_clone() };
-        let logits = if self.bf16 {
-            amp::autocast_bf16(self.device, || model.forward_t(&xs, train))?
-        } else {
-            model.forward_t(&xs, train)
-        };
-        Ok(logits.to_kind(Kind::Float))
-    }
-}
-
-/// Correct predictions among the top 1 and the top `k` logits of each row.
-pub fn top_k_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
-    let (_, indices) = logits.topk(k, -1, true, true);
-    let matches = indices.eq_tensor(&labels.unsqueeze(1));
-    let top1 = matches.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-    let topk = matches.any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
-    (top1, topk)
 }
 
 struct Progress {
@@ -1051,10 +947,13 @@ fn train(
                 batch_size: eval_batch,
                 max_samples: spec.eval.max_samples,
                 precision,
+                threads: 1,
             };
-            let raw = evaluate(runtime, &model, &settings, parallel.as_mut())?;
+            let raw = evaluate(runtime, &model, &settings, parallel.as_mut())?.metrics;
             let averaged = match (&ema_model, spec.eval.ema) {
-                (Some(ema_model), true) => Some(evaluate(runtime, ema_model, &settings, parallel.as_mut())?),
+                (Some(ema_model), true) => {
+                    Some(evaluate(runtime, ema_model, &settings, parallel.as_mut())?.metrics)
+                }
                 _ => None,
             };
             progress.println(format!(
@@ -1101,6 +1000,7 @@ fn train(
                     world_size: world_size as u32,
                     val: val_metrics,
                     val_ema: val_ema_metrics,
+                    spec: Some(spec.clone()),
                 };
                 let mut files = vec![
                     (MODEL_FILE.to_string(), Bytes::from(to_safetensors(&sorted_variables(&vs))?)),

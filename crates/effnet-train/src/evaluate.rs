@@ -1,0 +1,363 @@
+//! Evaluation of a model on a dataset: top-1, top-5, loss, and the confusion matrix (so per-class
+//! accuracy), with the variant's eval transform (resize + centre crop). Used by the trainer at
+//! its evaluation interval and by `effnet eval` on any committed checkpoint. With several ranks
+//! each evaluates its share of the dataset and the counts are summed.
+//!
+//! Deterministic: the dataset is read in a fixed order (plan seed 0, no shuffling), the model is
+//! in eval mode, and the counts are integers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use effnet_data::EpochPlan;
+use effnet_data::loader::{BatchLoader, LoaderOptions, Transform};
+use effnet_data::plan::initial_cursors;
+use effnet_data::reader::{Dataset, RankReader};
+use effnet_model::EfficientNet;
+use effnet_vision::EvalTransform;
+use serde::{Deserialize, Serialize};
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::amp;
+use crate::error::{Error, Result};
+use crate::sync::DataParallel;
+
+/// The summary kept in checkpoints and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    pub samples: u64,
+    pub images_per_s: f64,
+}
+
+/// Everything one evaluation measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub metrics: EvalMetrics,
+    /// `confusion[true][predicted]`: sample counts.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl Evaluation {
+    /// Top-1 accuracy of each true class (`None` for a class with no samples).
+    pub fn per_class(&self) -> Vec<Option<f64>> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(class, row)| {
+                let total: u64 = row.iter().sum();
+                (total > 0).then(|| row[class] as f64 / total as f64)
+            })
+            .collect()
+    }
+}
+
+/// What [`evaluate`] reads and how.
+pub struct EvalSettings<'a> {
+    pub dataset: &'a Arc<Dataset>,
+    pub transform: &'a EvalTransform,
+    pub batch_size: usize,
+    /// All samples, or the first `max_samples` (split over the ranks).
+    pub max_samples: Option<u64>,
+    pub precision: Precision,
+    /// Decode threads.
+    pub threads: usize,
+}
+
+/// How the forward pass runs: device, bf16 autocast, channels_last inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct Precision {
+    pub device: Device,
+    pub bf16: bool,
+    pub channels_last: bool,
+}
+
+impl Precision {
+    /// Logits in float32 whatever the compute precision, so losses and metrics are computed in
+    /// float32.
+    pub fn forward(&self, model: &EfficientNet, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = if self.channels_last { amp::channels_last(xs)? } else { xs.shallow_clone() };
+        let logits = if self.bf16 {
+            amp::autocast_bf16(self.device, || model.forward_t(&xs, train))?
+        } else {
+            model.forward_t(&xs, train)
+        };
+        Ok(logits.to_kind(Kind::Float))
+    }
+}
+
+/// Correct predictions among the top 1 and the top `k` logits of each row. Ties are broken
+/// towards the lower class index (a stable descending sort), so the result is deterministic.
+pub fn top_k_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
+    let (_, indices) = logits.sort_stable(true, -1, true);
+    let indices = indices.narrow(1, 0, k);
+    let matches = indices.eq_tensor(&labels.unsqueeze(1));
+    let top1 = matches.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
+    let topk = matches.any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
+    (top1, topk)
+}
+
+/// Evaluate `model` on the settings' dataset. Every rank of `parallel` must call it; every rank
+/// returns the same result.
+pub fn evaluate(
+    runtime: &tokio::runtime::Runtime,
+    model: &EfficientNet,
+    settings: &EvalSettings<'_>,
+    parallel: Option<&mut DataParallel>,
+) -> Result<Evaluation> {
+    let (rank, world) = parallel.as_ref().map_or((0, 1), |p| (p.rank(), p.world_size()));
+    let device = settings.precision.device;
+    let classes = model.architecture().classes as usize;
+    let started = Instant::now();
+    let plan = EpochPlan::new(0, 0, settings.dataset.row_groups(), world)?;
+    let limit =
+        settings.max_samples.map(|max| max / world as u64 + u64::from((rank as u64) < max % world as u64));
+    let mut loader = runtime.block_on(async {
+        let cursor = initial_cursors(&plan).swap_remove(rank);
+        let reader =
+            RankReader::new(settings.dataset.clone(), plan.ranks[rank].clone(), cursor, 1, 4).await?;
+        let options = LoaderOptions {
+            batch_size: settings.batch_size,
+            threads: settings.threads.max(1),
+            seed: 0,
+            epoch: 0,
+        };
+        BatchLoader::new(reader, Transform::Eval(settings.transform.clone()), options)
+    })?;
+    let (mut samples, mut top1, mut top5, mut loss) = (0u64, 0i64, 0i64, 0f64);
+    let mut confusion = Tensor::zeros([(classes * classes) as i64], (Kind::Int64, Device::Cpu));
+    while limit.is_none_or(|l| samples < l)
+        && let Some(batch) = runtime.block_on(loader.next_batch())?
+    {
+        let mut n = batch.labels.len();
+        if let Some(limit) = limit {
+            n = n.min((limit - samples) as usize);
+        }
+        let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).narrow(0, 0, n as i64).to_device(device);
+        let ys = Tensor::from_slice(&batch.labels[..n]).to_device(device);
+        let (batch_loss, hits1, hits5, cells) = tch::no_grad(|| -> Result<(f64, i64, i64, Tensor)> {
+            let logits = settings.precision.forward(model, &xs, false)?;
+            let batch_loss =
+                logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0).double_value(&[]);
+            let (hits1, hits5) = top_k_hits(&logits, &ys, (classes as i64).min(5));
+            let predicted = logits.argmax(-1, false);
+            let cells = (&ys * classes as i64 + predicted)
+                .to_device(Device::Cpu)
+                .bincount::<Tensor>(None, (classes * classes) as i64);
+            Ok((batch_loss, hits1, hits5, cells))
+        })?;
+        loss += batch_loss;
+        top1 += hits1;
+        top5 += hits5;
+        confusion += cells;
+        samples += n as u64;
+    }
+    let cells =
+        Vec::<i64>::try_from(&confusion).map_err(|e| Error::Internal(format!("confusion matrix: {e}")))?;
+    let mut counts: Vec<f64> = [samples as f64, top1 as f64, top5 as f64, loss].into_iter().collect();
+    counts.extend(cells.iter().map(|&c| c as f64));
+    if let Some(parallel) = parallel {
+        parallel.sum(&mut counts)?;
+    }
+    let (samples, top1, top5, loss) = (counts[0], counts[1], counts[2], counts[3]);
+    let confusion: Vec<Vec<u64>> =
+        counts[4..].chunks(classes).map(|row| row.iter().map(|&c| c as u64).collect()).collect();
+    let denominator = samples.max(1.0);
+    Ok(Evaluation {
+        metrics: EvalMetrics {
+            top1: top1 / denominator,
+            top5: top5 / denominator,
+            loss: loss / denominator,
+            samples: samples as u64,
+            images_per_s: samples / started.elapsed().as_secs_f64().max(1e-9),
+        },
+        confusion,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_counts_hand_made_logits() {
+        // Four samples, six classes.
+        let logits = Tensor::from_slice(&[
+            0.1f32, 0.9, 0.0, 0.0, 0.0, 0.0, // argmax 1
+            0.5, 0.1, 0.2, 0.3, 0.4, 0.0, // order 0, 4, 3, 2, 1, 5
+            0.0, 0.0, 0.0, 0.0, 0.0, 1.0, // argmax 5
+            0.3, 0.3, 0.2, 0.1, 0.0, 0.4, // order 5, then the 0.3 tie: 0 before 1, then 2, 3, 4
+        ])
+        .view([4, 6]);
+        let labels = Tensor::from_slice(&[1i64, 1, 2, 4]);
+        // Sample 0: top-1 hit. Sample 1: label 1 is 5th, outside top-1, inside top-5.
+        // Sample 2: label 2 ties with four zeros after class 5; the stable sort ranks 0, 1, 2, 3, 4,
+        // so 2 is 4th: top-5 hit. Sample 3: label 4 is 6th: no hit.
+        assert_eq!(top_k_hits(&logits, &labels, 5), (1, 3));
+        assert_eq!(top_k_hits(&logits, &labels, 1), (1, 1));
+        assert_eq!(top_k_hits(&logits, &labels, 2), (1, 1));
+    }
+
+    #[test]
+    fn per_class_accuracy_reads_the_confusion_rows() {
+        let evaluation = Evaluation {
+            metrics: EvalMetrics { top1: 0.0, top5: 0.0, loss: 0.0, samples: 7, images_per_s: 0.0 },
+            confusion: vec![vec![3, 1, 0], vec![0, 0, 0], vec![1, 1, 1]],
+        };
+        assert_eq!(evaluation.per_class(), vec![Some(0.75), None, Some(1.0 / 3.0)]);
+    }
+}
+
+/// `effnet eval`: which checkpoint, which data, which weights.
+#[derive(Clone, Debug)]
+pub struct CheckpointEvalOptions {
+    pub checkpoint: String,
+    pub data: String,
+    /// Evaluate the EMA weights instead of the raw ones.
+    pub ema: bool,
+    pub batch_size: usize,
+    pub max_samples: Option<u64>,
+    /// libtorch threads (`None`: all cores).
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassResult {
+    pub class: String,
+    pub samples: u64,
+    pub top1: Option<f64>,
+}
+
+/// What `effnet eval` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointReport {
+    pub checkpoint: String,
+    pub step: u64,
+    pub epoch: u64,
+    pub job: String,
+    pub weights: &'static str,
+    pub data: String,
+    pub architecture: String,
+    pub parameters: i64,
+    pub resolution: u32,
+    /// Multiply-adds of one image at `resolution`, in billions (the paper's "FLOPs").
+    pub gflops: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    pub samples: u64,
+    pub images_per_s: f64,
+    /// Peak resident memory of this process (VmHWM), bytes.
+    pub peak_memory_bytes: Option<u64>,
+    pub device: String,
+    pub classes: Vec<ClassResult>,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Evaluate one committed checkpoint (checksums verified) on a dataset with the eval transform
+/// of the job it was trained with. Bad input (missing or uncommitted checkpoint, a dataset with
+/// other classes) is an error naming it.
+pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<CheckpointReport> {
+    use crate::checkpoint::{self, EMA_FILE, MODEL_FILE, STATE_FILE};
+    use crate::tensors::{from_safetensors, load_into};
+    use crate::trainer::{TrainState, eval_transform, model_config, open_dataset, runtime};
+
+    let url = options.checkpoint.as_str();
+    let damaged = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
+    let runtime = runtime()?;
+    let (_, files) = runtime.block_on(checkpoint::load_url(url))?;
+    let state: TrainState =
+        serde_json::from_slice(files.get(STATE_FILE).ok_or_else(|| damaged("state.json is missing".into()))?)
+            .map_err(|e| damaged(format!("unreadable {STATE_FILE}: {e}")))?;
+    let spec = state.spec.clone().ok_or_else(|| Error::IncompatibleCheckpoint {
+        url: url.to_string(),
+        reason:
+            "it was written before checkpoints carried their job spec; evaluate it with the job that wrote it"
+                .into(),
+    })?;
+    let dataset = runtime.block_on(open_dataset("--data", &options.data))?;
+    let classes = dataset.manifest.classes.len() as u32;
+    if classes != state.model.classes {
+        return Err(Error::invalid(
+            "--data",
+            format!(
+                "{} has {classes} classes but the checkpoint's model has {}",
+                options.data, state.model.classes
+            ),
+        ));
+    }
+    if let Some(threads) = options.threads {
+        tch::set_num_threads(threads.max(1) as i32);
+    }
+    let device = Device::Cpu;
+    let vs = tch::nn::VarStore::new(device);
+    let config = model_config(&spec, classes);
+    let model = EfficientNet::new(&vs.root(), &config)?;
+    let (file, weights) = if options.ema { (EMA_FILE, "ema") } else { (MODEL_FILE, "raw") };
+    let bytes = files.get(file).ok_or_else(|| {
+        if options.ema {
+            Error::invalid(
+                "--ema",
+                format!("checkpoint {url} has no EMA weights (training.ema.enabled was false)"),
+            )
+        } else {
+            damaged(format!("{file} is missing"))
+        }
+    })?;
+    load_into(&vs, from_safetensors(bytes).map_err(damaged)?)
+        .map_err(|reason| Error::IncompatibleCheckpoint { url: url.to_string(), reason })?;
+    let transform = eval_transform(&spec)?;
+    let resolution = spec.model.resolution();
+    let settings = EvalSettings {
+        dataset: &dataset,
+        transform: &transform,
+        batch_size: options.batch_size.max(1),
+        max_samples: options.max_samples,
+        precision: Precision { device, bf16: false, channels_last: false },
+        threads: 1,
+    };
+    let evaluation = evaluate(&runtime, &model, &settings, None)?;
+    let per_class = evaluation.per_class();
+    let class_results = dataset
+        .manifest
+        .classes
+        .iter()
+        .zip(&evaluation.confusion)
+        .zip(per_class)
+        .map(|((name, row), top1)| ClassResult { class: name.clone(), samples: row.iter().sum(), top1 })
+        .collect();
+    let metrics = evaluation.metrics;
+    Ok(CheckpointReport {
+        checkpoint: url.to_string(),
+        step: state.step,
+        epoch: state.epoch,
+        job: spec.name.clone(),
+        weights,
+        data: options.data.clone(),
+        architecture: state.model.architecture.clone(),
+        parameters: model.parameter_count(),
+        resolution,
+        gflops: model.multiply_adds(resolution) as f64 / 1e9,
+        top1: metrics.top1,
+        top5: metrics.top5,
+        loss: metrics.loss,
+        samples: metrics.samples,
+        images_per_s: metrics.images_per_s,
+        peak_memory_bytes: peak_rss_bytes(),
+        device: format!("{device:?}"),
+        classes: class_results,
+        confusion: evaluation.confusion,
+    })
+}
