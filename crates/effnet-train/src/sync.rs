@@ -84,6 +84,9 @@ impl DataParallel {
             return Err(Error::Internal("collective on a non-contiguous tensor".into()));
         }
         let len = tensor.numel();
+        if len == 0 {
+            return Ok(());
+        }
         let ptr = tensor.data_ptr();
         let started = Instant::now();
         let result = match (self.collective.cuda_device(), tensor.device()) {
