@@ -256,7 +256,7 @@ fn unreachable_data_url_is_named() {
 
 /// B0 at 32×32 on real Fashion-MNIST (one input channel) with the demo's recipe learns: 600 steps
 /// (a third of an epoch, cosine-decayed to zero) reach a validation top-1 far above chance. The
-/// full two-epoch figure is in docs/benchmarks.md.
+/// full two-epoch figure (89.07%) is in docs/benchmarks.md.
 #[test]
 fn learns_fashion_mnist() {
     let source = Path::new("/usr/share/datasets/fashion-mnist");
@@ -287,6 +287,8 @@ fn learns_fashion_mnist() {
     let top1 = summary["val"]["top1"].as_f64().unwrap();
     assert_eq!(summary["val"]["samples"], 2000);
     assert_eq!(summary["steps"], 600);
-    // Chance is 10%; this recipe measured 73.45% here after 600 steps (a 2,000-sample subset).
-    assert!(top1 >= 0.55, "validation top-1 after 600 steps is only {top1}");
+    eprintln!("validation top-1 after 600 steps: {top1}");
+    // Chance is 10%; this recipe measured 81.45% here after 600 steps (a 2,000-sample subset; the
+    // previous recipe 73.45%). The bar leaves room for other machines' float rounding.
+    assert!(top1 >= 0.70, "validation top-1 after 600 steps is only {top1}");
 }

@@ -124,6 +124,9 @@ fn fashion_mnist_config_is_a_small_cpu_job() {
     assert_eq!(spec.data.val.as_deref(), Some(".work/fashion-mnist/test"));
     assert_eq!(spec.data.normalization, NormalizationKind::FashionMnist);
     assert_eq!(spec.distributed.device, Device::Cpu);
+    // The two choices that took two epochs past 85%: a zero classifier and no random crop.
+    assert_eq!(spec.model.classifier_init, effnet_config::ClassifierInit::Zero);
+    assert_eq!(spec.data.augmentation.crop_scale, [1.0, 1.0]);
 }
 
 #[test]
