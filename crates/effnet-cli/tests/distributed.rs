@@ -5,6 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use tempfile::TempDir;
+
 use common::{assert_bad_input, effnet, synthetic_dataset};
 use effnet_train::tensors::from_safetensors;
 
@@ -12,10 +14,10 @@ use effnet_train::tensors::from_safetensors;
 /// at step s is row group `plan[2s + r]`, exactly micro-batch r of a single process's step s.
 const BATCH: usize = 8;
 
-fn data_dir() -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
-    synthetic_dataset(dir.join("train").to_str().unwrap(), 96, 0, BATCH);
-    synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1, BATCH);
+fn data_dir() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_dataset(dir.path().join("train").to_str().unwrap(), 96, 0, BATCH);
+    synthetic_dataset(dir.path().join("val").to_str().unwrap(), 32, 1, BATCH);
     dir
 }
 
@@ -23,9 +25,10 @@ fn data_dir() -> PathBuf {
 /// micro-batches. Dropout and drop path are off: their masks are seeded by the global
 /// micro-batch, but each rank's reader orders the rows of a row group with its own shuffle
 /// stream, so a mask position would meet another sample than in the single process.
-fn write_job(data: &Path, workers: u32, accumulate: u32, steps: u64) -> (PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let yaml = dir.join("job.yaml");
+/// Returns the job's temporary directory (removed when dropped) and its job file.
+fn write_job(data: &Path, workers: u32, accumulate: u32, steps: u64) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("job.yaml");
     let text = format!(
         "name: dp-test
 job_dir: {job}
@@ -68,7 +71,7 @@ distributed:
   backend: {backend}
   timeout_s: 60
 ",
-        job = dir.join("job").display(),
+        job = dir.path().join("job").display(),
         train = data.join("train").display(),
         val = data.join("val").display(),
         backend = if workers > 1 { "mpi" } else { "local" },
@@ -88,8 +91,8 @@ fn parameters_at(dir: &Path, step: u64) -> Vec<(String, tch::Tensor)> {
 fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
     let data = data_dir();
     let steps = 4;
-    let (single_dir, single) = write_job(&data, 1, 2, steps);
-    let (pair_dir, pair) = write_job(&data, 2, 1, steps);
+    let (single_dir, single) = write_job(data.path(), 1, 2, steps);
+    let (pair_dir, pair) = write_job(data.path(), 2, 1, steps);
     let one = effnet(&["run", single.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(one.code, 0, "{}", one.stderr);
     // `effnet run` launches `mpirun -n 2 effnet worker` itself.
@@ -98,7 +101,7 @@ fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
     assert!(two.stdout.contains("workers          2 (all-reduce"), "{}", two.stdout);
     assert!(two.stdout.contains("steps            4 (6 per epoch, global batch 16)"), "{}", two.stdout);
     // Movement is measured between the saved steps 2 and 4 of the single process.
-    let earlier = parameters_at(&single_dir, 2);
+    let earlier = parameters_at(single_dir.path(), 2);
 
     // Tolerance. The two runs compute the same mean gradient in a different order (backward
     // accumulates g0/2 + g1/2 into one buffer; MPI sums g0 + g1 and divides by 2), so they start
@@ -111,8 +114,8 @@ fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
     // (Adam is not used: its first steps move every weight by ±lr whatever the gradient's size,
     // so a near-zero gradient whose sign rounding flips would differ by 2·lr.)
     for (step, bound) in [(2, 1e-6), (4, 1e-5)] {
-        let a = parameters_at(&single_dir, step);
-        let b = parameters_at(&pair_dir, step);
+        let a = parameters_at(single_dir.path(), step);
+        let b = parameters_at(pair_dir.path(), step);
         assert_eq!(a.len(), b.len());
         let (mut worst, mut worst_name, mut moved, mut compared) = (0f64, String::new(), 0f64, 0);
         for (((name_a, ta), (name_b, tb)), (_, t0)) in a.iter().zip(&b).zip(&earlier) {
@@ -141,15 +144,15 @@ fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
 #[test]
 fn workers_need_a_multi_process_backend_and_a_matching_launch() {
     let data = data_dir();
-    let (dir, yaml) = write_job(&data, 2, 1, 4);
+    let (dir, yaml) = write_job(data.path(), 2, 1, 4);
     let text = std::fs::read_to_string(&yaml).unwrap().replace("backend: mpi", "backend: local");
     std::fs::write(&yaml, text).unwrap();
     let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
     assert_bad_input(&outcome, &["distributed.backend", "local"]);
-    assert!(!dir.join("job").exists());
+    assert!(!dir.path().join("job").exists());
 
     // A worker started alone (a world of one) for a two-worker job names the mismatch.
-    let (dir, yaml) = write_job(&data, 2, 1, 4);
+    let (dir, yaml) = write_job(data.path(), 2, 1, 4);
     let outcome = effnet(&["worker", yaml.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
     assert!(
@@ -157,7 +160,7 @@ fn workers_need_a_multi_process_backend_and_a_matching_launch() {
         "{}",
         outcome.stderr
     );
-    assert!(!dir.join("job").exists());
+    assert!(!dir.path().join("job").exists());
 }
 
 /// Two ranks stopped after step 4 and resumed to step 8 end bitwise equal to two ranks that ran
@@ -174,12 +177,12 @@ fn two_ranks_resume_exactly() {
             .replace(&format!("  steps: {}\n", 8), &format!("  steps: {steps}\n"));
         std::fs::write(yaml, text).unwrap();
     };
-    let (straight_dir, straight) = write_job(&data, 2, 1, 8);
+    let (straight_dir, straight) = write_job(data.path(), 2, 1, 8);
     with_steps(&straight, 8);
     let outcome = effnet(&["run", straight.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
 
-    let (resumed_dir, resumed) = write_job(&data, 2, 1, 8);
+    let (resumed_dir, resumed) = write_job(data.path(), 2, 1, 8);
     with_steps(&resumed, 4);
     let first = effnet(&["run", resumed.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(first.code, 0, "{}", first.stderr);
@@ -190,13 +193,13 @@ fn two_ranks_resume_exactly() {
     assert!(second.stdout.contains("resumed from     step 4"), "{}", second.stdout);
 
     let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(resumed_dir.join("job/checkpoints/step-00000004/state.json")).unwrap(),
+        &std::fs::read(resumed_dir.path().join("job/checkpoints/step-00000004/state.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(state["world_size"], 2);
     assert_eq!(state["data"]["ranks"].as_array().map(Vec::len), Some(2), "both ranks' cursors are saved");
     for file in ["model.safetensors", "optimizer.safetensors", "ema.safetensors"] {
-        let path = |dir: &Path| dir.join("job/checkpoints/step-00000008").join(file);
+        let path = |dir: &TempDir| dir.path().join("job/checkpoints/step-00000008").join(file);
         assert!(
             std::fs::read(path(&straight_dir)).unwrap() == std::fs::read(path(&resumed_dir)).unwrap(),
             "{file} differs between the straight and the resumed two-rank run"

@@ -11,6 +11,8 @@ use effnet_data::writer::{DatasetWriter, WriterOptions};
 struct Trained {
     dir: PathBuf,
     val: PathBuf,
+    /// Removes the directory when the test ends.
+    _temp: tempfile::TempDir,
 }
 
 impl Trained {
@@ -20,7 +22,8 @@ impl Trained {
 }
 
 fn train() -> Trained {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
     synthetic_dataset(dir.join("train").to_str().unwrap(), 64, 0, 16);
     synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1, 16);
     let yaml = dir.join("job.yaml");
@@ -50,7 +53,7 @@ checkpoint: {{every_steps: 4, keep_last: 5}}
     .unwrap();
     let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    Trained { val: dir.join("val"), dir }
+    Trained { val: dir.join("val"), dir, _temp: temp }
 }
 
 fn eval_json(args: &[&str]) -> serde_json::Value {

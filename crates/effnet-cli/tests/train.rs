@@ -13,6 +13,8 @@ use common::{assert_bad_input, effnet, effnet_with_env, synthetic_dataset, works
 struct Job {
     dir: PathBuf,
     yaml: PathBuf,
+    /// Removes the directory when the test ends.
+    _temp: tempfile::TempDir,
 }
 
 impl Job {
@@ -50,7 +52,8 @@ impl Job {
 
 /// A job over the synthetic dataset in `data`; `body` overrides are appended as YAML.
 fn job(data: &Path, variant: &str, steps: u64) -> Job {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
     let yaml = dir.join("job.yaml");
     let text = format!(
         "name: resume-test
@@ -97,13 +100,13 @@ checkpoint:
         val = data.join("val").display(),
     );
     std::fs::write(&yaml, text).unwrap();
-    Job { dir, yaml }
+    Job { dir, yaml, _temp: temp }
 }
 
-fn data_dir() -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
-    synthetic_dataset(dir.join("train").to_str().unwrap(), 96, 0, 16);
-    synthetic_dataset(dir.join("val").to_str().unwrap(), 32, 1, 16);
+fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_dataset(dir.path().join("train").to_str().unwrap(), 96, 0, 16);
+    synthetic_dataset(dir.path().join("val").to_str().unwrap(), 32, 1, 16);
     dir
 }
 
@@ -111,12 +114,12 @@ fn data_dir() -> PathBuf {
 fn killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     let data = data_dir();
     // 96 samples / batch 8 = 12 steps per epoch: 26 steps cross two epoch boundaries.
-    let straight = job(&data, "b0", 26);
+    let straight = job(data.path(), "b0", 26);
     let outcome = straight.run(&[]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     assert!(outcome.stdout.contains("trained          26 steps"), "{}", outcome.stdout);
 
-    let interrupted = job(&data, "b0", 26);
+    let interrupted = job(data.path(), "b0", 26);
     let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
         .args(["run", interrupted.yaml.to_str().unwrap(), "--progress", "never"])
         .env("RUST_LOG", "warn")
@@ -169,7 +172,7 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     assert_eq!(starts, 2);
 
     // A job for another model refuses this checkpoint and writes nothing.
-    let other = job(&data, "b1", 26);
+    let other = job(data.path(), "b1", 26);
     let url = interrupted.checkpoints().join("step-00000008").display().to_string();
     let refused = other.run(&["--resume", &url]);
     assert_bad_input(&refused, &["step-00000008", "EfficientNet-B0", "EfficientNet-B1"]);
@@ -179,7 +182,7 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
 #[test]
 fn check_validates_without_writing() {
     let data = data_dir();
-    let job = job(&data, "b0", 10);
+    let job = job(data.path(), "b0", 10);
     let outcome = effnet(&["run", job.yaml.to_str().unwrap(), "--check"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     assert!(
