@@ -166,7 +166,7 @@ fn launch_workers(args: &RunArgs, spec: &JobSpec) -> Result<()> {
             }
             // The first failure ends the others (they would wait for it until their timeout).
             let mut first_failure = None;
-            let mut running: Vec<_> = children.into_iter().collect();
+            let mut running = children;
             while !running.is_empty() {
                 let mut still = Vec::new();
                 for mut child in running {
