@@ -210,7 +210,9 @@ pub fn run(collective: &dyn Collective) -> Result<Vec<CaseResult>> {
 
 /// All-reduce (sum, f32) bandwidth at one size: the mean seconds per call over `iterations`
 /// after one warm-up call, and the bus bandwidth in GB/s (NCCL's definition:
-/// `bytes * 2 * (world - 1) / world / seconds`).
+/// `bytes * 2 * (world - 1) / world / seconds`). For a device backend each call is staged
+/// through host memory like the conformance cases, so the figure includes two PCIe copies and
+/// understates NCCL's own bandwidth.
 pub fn bandwidth(collective: &dyn Collective, elements: usize, iterations: usize) -> Result<(f64, f64)> {
     let mut data = Data::new(DType::F32, &vec![1.0; elements]);
     run_on(collective, &mut data, &|buffer| collective.all_reduce(buffer, ReduceOp::Sum))?;
