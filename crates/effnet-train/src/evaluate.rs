@@ -270,17 +270,15 @@ fn peak_rss_bytes() -> Option<u64> {
 /// of the job it was trained with. Bad input (missing or uncommitted checkpoint, a dataset with
 /// other classes) is an error naming it.
 pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<CheckpointReport> {
-    use crate::checkpoint::{self, EMA_FILE, MODEL_FILE, STATE_FILE};
+    use crate::checkpoint::{self, EMA_FILE, MODEL_FILE};
     use crate::tensors::{from_safetensors, load_into};
-    use crate::trainer::{TrainState, eval_transform, model_config, open_dataset, runtime};
+    use crate::trainer::{eval_transform, model_config, open_dataset, read_state, runtime};
 
     let url = options.checkpoint.as_str();
     let damaged = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
     let runtime = runtime()?;
     let (_, files) = runtime.block_on(checkpoint::load_url(url))?;
-    let state: TrainState =
-        serde_json::from_slice(files.get(STATE_FILE).ok_or_else(|| damaged("state.json is missing".into()))?)
-            .map_err(|e| damaged(format!("unreadable {STATE_FILE}: {e}")))?;
+    let state = read_state(url, &files)?;
     let spec = state.spec.clone().ok_or_else(|| Error::IncompatibleCheckpoint {
         url: url.to_string(),
         reason:

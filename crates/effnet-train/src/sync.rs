@@ -165,6 +165,11 @@ impl DataParallel {
             GradientDtype::F32 => 4,
             GradientDtype::Bf16 => 2,
         };
+        let device = self.comm_device();
+        let kind = match self.gradient_dtype {
+            GradientDtype::F32 => Kind::Float,
+            GradientDtype::Bf16 => Kind::BFloat16,
+        };
         let mut start = 0;
         while start < grads.len() {
             let mut end = start;
@@ -176,11 +181,6 @@ impl DataParallel {
                 end += 1;
             }
             let bucket: Vec<&Tensor> = grads[start..end].iter().map(|(g, _)| g).collect();
-            let device = self.comm_device();
-            let kind = match self.gradient_dtype {
-                GradientDtype::F32 => Kind::Float,
-                GradientDtype::Bf16 => Kind::BFloat16,
-            };
             let flat = tch::no_grad(|| {
                 Tensor::cat(&bucket.iter().map(|g| g.reshape([-1]).to_device(device)).collect::<Vec<_>>(), 0)
                     .to_kind(kind)

@@ -399,6 +399,21 @@ struct Restored {
 
 /// Load a checkpoint's files into the model, optimiser and EMA, after checking they belong to
 /// this job's model. Nothing is modified unless the state and the model weights fit.
+/// Read and check `state.json` of a loaded checkpoint: present, parseable, of this format.
+pub(crate) fn read_state(url: &str, files: &HashMap<String, Bytes>) -> Result<TrainState> {
+    let damaged = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
+    let bytes = files.get(STATE_FILE).ok_or_else(|| damaged(format!("{STATE_FILE} is missing")))?;
+    let state: TrainState =
+        serde_json::from_slice(bytes).map_err(|e| damaged(format!("unreadable {STATE_FILE}: {e}")))?;
+    if state.format != STATE_FORMAT {
+        return Err(Error::IncompatibleCheckpoint {
+            url: url.to_string(),
+            reason: format!("state format {} (this build reads {STATE_FORMAT})", state.format),
+        });
+    }
+    Ok(state)
+}
+
 fn restore(
     url: &str,
     files: HashMap<String, Bytes>,
@@ -411,11 +426,7 @@ fn restore(
     let incompatible = |reason: String| Error::IncompatibleCheckpoint { url: url.to_string(), reason };
     let damaged = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
     let file = |name: &str| files.get(name).ok_or_else(|| damaged(format!("{name} is missing")));
-    let state: TrainState = serde_json::from_slice(file(STATE_FILE)?)
-        .map_err(|e| damaged(format!("unreadable {STATE_FILE}: {e}")))?;
-    if state.format != STATE_FORMAT {
-        return Err(incompatible(format!("state format {} (this build reads {STATE_FORMAT})", state.format)));
-    }
+    let state = read_state(url, &files)?;
     if &state.model != identity {
         return Err(incompatible(format!(
             "it holds {} with {} classes and {} input channels ({} parameters); this job trains {} with {} classes and {} input channels ({} parameters)",
