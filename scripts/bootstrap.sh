@@ -79,9 +79,11 @@ fi
 [[ -f "$VENV/libtorch/lib/libtorch_cpu.so" ]] || { echo "bootstrap: libtorch_cpu.so missing under $VENV/$TORCH_DIR" >&2; exit 1; }
 
 # Debian packages: Fashion-MNIST for the demo and tests, Open MPI (CPU collectives; the `mpi`
-# crate builds its bindings with libclang), plus any named in EFFNET_APT_PACKAGES.
+# crate builds its bindings with libclang), for the tests headless Chromium (the report's HTML
+# is opened in it), plus any named in EFFNET_APT_PACKAGES.
 # Installed only when root; otherwise a missing one is reported by whatever needs it.
 APT_PACKAGES="dataset-fashion-mnist openmpi-bin libopenmpi-dev libclang-dev pkg-config ${EFFNET_APT_PACKAGES:-}"
+[[ $WANT_REFERENCE == 1 ]] && APT_PACKAGES+=" chromium"
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
   for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -40,6 +40,12 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
         if let Some(data_error) = cause.downcast_ref::<effnet_data::Error>() {
             return if data_error.is_bad_input() { 2 } else { 1 };
         }
+        if let Some(report_error) = cause.downcast_ref::<effnet_report::Error>() {
+            return match report_error {
+                effnet_report::Error::Job { .. } => 2,
+                effnet_report::Error::Io { .. } => 1,
+            };
+        }
         if let Some(store_error) = cause.downcast_ref::<effnet_store::Error>() {
             return if store_error.is_bad_input() { 2 } else { 1 };
         }
@@ -62,8 +68,14 @@ pub fn report_clap_error(error: clap::Error) -> ExitCode {
         }
         _ => {
             let rendered = error.render().to_string();
-            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
-            eprintln!("{}", line.trim_end());
+            let mut lines = rendered.lines().skip_while(|l| l.trim().is_empty());
+            let mut line = lines.next().unwrap_or("error: invalid arguments").trim_end().to_string();
+            // "the following required arguments were not provided:" lists them on the next lines.
+            if line.ends_with(':') {
+                let listed: Vec<&str> = lines.take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+                line = format!("{line} {}", listed.join(", "));
+            }
+            eprintln!("{line}");
             ExitCode::from(2)
         }
     }

@@ -34,6 +34,9 @@ enum Command {
     /// Evaluate a committed checkpoint on a dataset: top-1/top-5, loss, per-class accuracy,
     /// confusion matrix, parameters, GFLOPs, throughput, peak memory.
     Eval(commands::eval::EvalArgs),
+    /// The benchmark report of job directories: accuracy against parameters and FLOPs beside the
+    /// paper's Table 2, training curves, restarts, checkpoints (report.md, report.html, report.json).
+    Report(commands::report::ReportArgs),
     /// Inspect EfficientNet variants and run inference with saved weights.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(args),
         Command::Worker(args) => commands::run::worker(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Report(args) => commands::report::run(args),
         Command::Model(command) => commands::model::run(command),
         Command::Prepare(args) => commands::data::prepare(args),
         Command::Data(command) => commands::data::run(command),

@@ -3,6 +3,7 @@
 // returns a status, so nothing unwinds into Rust.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <torch/version.h>
 
 namespace {
 at::DeviceType device_type(int device) { return device == 1 ? at::kCUDA : at::kCPU; }
@@ -56,5 +57,12 @@ int effnet_is_channels_last(const at::Tensor* tensor) {
   } catch (...) {
     return 0;
   }
+}
+
+// The libtorch version these headers belong to (the one linked: torch-sys checks it).
+void effnet_torch_version(int* major, int* minor, int* patch) {
+  *major = TORCH_VERSION_MAJOR;
+  *minor = TORCH_VERSION_MINOR;
+  *patch = TORCH_VERSION_PATCH;
 }
 }

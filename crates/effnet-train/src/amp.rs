@@ -11,6 +11,7 @@ unsafe extern "C" {
     fn effnet_autocast_is_bf16(device: i32) -> i32;
     fn effnet_channels_last(tensor: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
     fn effnet_is_channels_last(tensor: *const torch_sys::C_tensor) -> i32;
+    fn effnet_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
 }
 
 fn device_code(device: Device) -> i32 {
@@ -71,6 +72,14 @@ pub fn variables_to_channels_last(vs: &tch::nn::VarStore) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The libtorch version, e.g. `2.11.0`.
+pub fn torch_version() -> String {
+    let (mut major, mut minor, mut patch) = (0, 0, 0);
+    // SAFETY: the function writes three ints through valid pointers.
+    unsafe { effnet_torch_version(&mut major, &mut minor, &mut patch) };
+    format!("{major}.{minor}.{patch}")
 }
 
 #[cfg(test)]

@@ -258,8 +258,63 @@ pub struct CheckpointReport {
     pub confusion: Vec<Vec<u64>>,
 }
 
+/// What a [`CheckpointReport`] says about the checkpoint, model and data besides the evaluation.
+#[derive(Clone, Debug)]
+pub struct ReportHeader {
+    pub checkpoint: String,
+    pub step: u64,
+    pub epoch: u64,
+    pub job: String,
+    pub data: String,
+    pub architecture: String,
+    pub parameters: i64,
+    pub resolution: u32,
+    pub gflops: f64,
+    pub device: String,
+}
+
+impl CheckpointReport {
+    /// The report of one evaluation (`weights`: "raw" or "ema"), with per-class accuracy named by
+    /// the dataset's classes. The trainer's final evaluation and `effnet eval` both build it here.
+    pub fn new(
+        header: ReportHeader,
+        weights: &'static str,
+        class_names: &[String],
+        evaluation: Evaluation,
+    ) -> CheckpointReport {
+        let classes = class_names
+            .iter()
+            .zip(&evaluation.confusion)
+            .zip(evaluation.per_class())
+            .map(|((name, row), top1)| ClassResult { class: name.clone(), samples: row.iter().sum(), top1 })
+            .collect();
+        let metrics = evaluation.metrics;
+        CheckpointReport {
+            checkpoint: header.checkpoint,
+            step: header.step,
+            epoch: header.epoch,
+            job: header.job,
+            weights,
+            data: header.data,
+            architecture: header.architecture,
+            parameters: header.parameters,
+            resolution: header.resolution,
+            gflops: header.gflops,
+            top1: metrics.top1,
+            top5: metrics.top5,
+            loss: metrics.loss,
+            samples: metrics.samples,
+            images_per_s: metrics.images_per_s,
+            peak_memory_bytes: peak_rss_bytes(),
+            device: header.device,
+            classes,
+            confusion: evaluation.confusion,
+        }
+    }
+}
+
 /// Peak resident set size of this process, from /proc (Linux).
-fn peak_rss_bytes() -> Option<u64> {
+pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -327,35 +382,17 @@ pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<Checkpoint
         threads: 1,
     };
     let evaluation = evaluate(&runtime, &model, &settings, None)?;
-    let per_class = evaluation.per_class();
-    let class_results = dataset
-        .manifest
-        .classes
-        .iter()
-        .zip(&evaluation.confusion)
-        .zip(per_class)
-        .map(|((name, row), top1)| ClassResult { class: name.clone(), samples: row.iter().sum(), top1 })
-        .collect();
-    let metrics = evaluation.metrics;
-    Ok(CheckpointReport {
+    let header = ReportHeader {
         checkpoint: url.to_string(),
         step: state.step,
         epoch: state.epoch,
         job: spec.name.clone(),
-        weights,
         data: options.data.clone(),
         architecture: state.model.architecture.clone(),
         parameters: model.parameter_count(),
         resolution,
         gflops: model.multiply_adds(resolution) as f64 / 1e9,
-        top1: metrics.top1,
-        top5: metrics.top5,
-        loss: metrics.loss,
-        samples: metrics.samples,
-        images_per_s: metrics.images_per_s,
-        peak_memory_bytes: peak_rss_bytes(),
         device: format!("{device:?}"),
-        classes: class_results,
-        confusion: evaluation.confusion,
-    })
+    };
+    Ok(CheckpointReport::new(header, weights, &dataset.manifest.classes, evaluation))
 }

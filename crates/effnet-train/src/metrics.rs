@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SAMPLES_FILE: &str = "samples.jsonl";
+/// The final evaluation in full: `{"raw": report, "ema": report or null}`, each report in the
+/// format of `effnet eval --json`.
+pub const EVALUATION_FILE: &str = "evaluation.json";
 
 pub struct MetricsLog {
     path: PathBuf,
@@ -84,4 +87,32 @@ impl MetricsLog {
 
 pub fn unix_time() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Where a run ran, for the `start` record (so a report says what produced its numbers).
+pub fn environment(device: tch::Device) -> Value {
+    let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_string());
+    let cpu = read("/proc/cpuinfo").and_then(|info| {
+        info.lines()
+            .find(|line| line.starts_with("model name"))
+            .and_then(|line| line.split_once(':'))
+            .map(|(_, name)| name.trim().to_string())
+    });
+    let memory_bytes = read("/proc/meminfo").and_then(|info| {
+        let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let cuda = matches!(device, tch::Device::Cuda(_));
+    json!({
+        "effnet": env!("CARGO_PKG_VERSION"),
+        "libtorch": crate::amp::torch_version(),
+        "os": format!("{} {}", std::env::consts::OS, read("/proc/sys/kernel/osrelease").unwrap_or_default()),
+        "arch": std::env::consts::ARCH,
+        "host": read("/proc/sys/kernel/hostname"),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "memory_bytes": memory_bytes,
+        "cuda_devices": if cuda { tch::Cuda::device_count() } else { 0 },
+        "cudnn": cuda && tch::Cuda::cudnn_is_available(),
+    })
 }

@@ -32,10 +32,10 @@ use crate::amp;
 use crate::checkpoint::{self, CheckpointStore, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, SaveStats};
 use crate::ema::Ema;
 use crate::error::{Error, Result};
+use crate::evaluate::{CheckpointReport, EvalSettings, Precision, ReportHeader, evaluate, peak_rss_bytes};
 pub use crate::evaluate::{EvalMetrics, top_k_hits};
-use crate::evaluate::{EvalSettings, Precision, evaluate};
 use crate::feed::{self, Feed, FeedSettings};
-use crate::metrics::MetricsLog;
+use crate::metrics::{EVALUATION_FILE, MetricsLog};
 use crate::optim::{Optimizer, OptimizerRule};
 use crate::schedule::{Decay, DropPathRamp, LrSchedule};
 use crate::sync::{DataParallel, GradientDtype};
@@ -108,6 +108,9 @@ pub struct RunPlan {
     pub job_dir: PathBuf,
     pub model: ModelIdentity,
     pub resolution: u32,
+    /// The datasets' own names (their manifests' `name`, e.g. `fashion-mnist train`).
+    pub train_dataset: String,
+    pub val_dataset: Option<String>,
     pub train_samples: u64,
     pub val_samples: Option<u64>,
     pub global_batch: u64,
@@ -137,6 +140,8 @@ pub struct RunSummary {
     pub wall_s: f64,
     pub skipped_samples: u64,
     pub checkpoints: Vec<SaveStats>,
+    /// Peak resident memory of this process (Linux VmHWM), bytes.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 const STATE_FORMAT: u32 = 1;
@@ -365,6 +370,8 @@ async fn prepare(spec: &JobSpec) -> Result<Prepared> {
         job_dir: spec.job_dir(),
         model: identity,
         resolution: spec.model.resolution(),
+        train_dataset: train.manifest.name.clone(),
+        val_dataset: val.as_ref().map(|v| v.manifest.name.clone()),
         train_samples,
         val_samples: val.as_ref().map(|v| v.manifest.rows),
         global_batch,
@@ -801,6 +808,7 @@ fn train(
             "world_size": world_size,
             "backend": parallel.as_ref().map(|p| p.collective().backend().to_string()),
             "model": &plan.model,
+            "environment": if writer { crate::metrics::environment(device) } else { serde_json::Value::Null },
         }),
     )?;
     if let Some(restored) = &restored {
@@ -935,6 +943,13 @@ fn train(
             }),
         )?;
         progress.step(step, epoch, loss, lr, images_per_s);
+        // A save that has finished in the background is logged now, not when the next one
+        // starts: a run killed before then still has its checkpoint in the log.
+        if pending.as_ref().is_some_and(|save| save.is_finished())
+            && let Some(done) = pending.take()
+        {
+            saves.push(finish_save(runtime, done, &mut metrics)?);
+        }
 
         let last = step == plan.total_steps;
         let mut metric = None;
@@ -960,13 +975,41 @@ fn train(
                 precision,
                 threads: 1,
             };
-            let raw = evaluate(runtime, &model, &settings, parallel.as_mut())?.metrics;
-            let averaged = match (&ema_model, spec.eval.ema) {
-                (Some(ema_model), true) => {
-                    Some(evaluate(runtime, ema_model, &settings, parallel.as_mut())?.metrics)
-                }
+            let raw_evaluation = evaluate(runtime, &model, &settings, parallel.as_mut())?;
+            let ema_evaluation = match (&ema_model, spec.eval.ema) {
+                (Some(ema_model), true) => Some(evaluate(runtime, ema_model, &settings, parallel.as_mut())?),
                 _ => None,
             };
+            let raw = raw_evaluation.metrics;
+            let averaged = ema_evaluation.as_ref().map(|e| e.metrics);
+            if last && writer {
+                // The final evaluation in full (per class, confusion), in the format `effnet eval
+                // --json` prints for the same checkpoint: what the report shows.
+                let header = ReportHeader {
+                    checkpoint: format!(
+                        "{}/{}",
+                        plan.checkpoint_url.trim_end_matches('/'),
+                        checkpoint::directory_name(step)
+                    ),
+                    step,
+                    epoch,
+                    job: spec.name.clone(),
+                    data: spec.data.val.clone().unwrap_or_default(),
+                    architecture: plan.model.architecture.clone(),
+                    parameters: plan.model.parameters,
+                    resolution: plan.resolution,
+                    gflops: plan.multiply_adds as f64 / 1e9,
+                    device: format!("{device:?}"),
+                };
+                let classes = &val.manifest.classes;
+                let final_evaluation = json!({
+                    "raw": CheckpointReport::new(header.clone(), "raw", classes, raw_evaluation),
+                    "ema": ema_evaluation.map(|e| CheckpointReport::new(header, "ema", classes, e)),
+                });
+                let path = plan.job_dir.join(EVALUATION_FILE);
+                std::fs::write(&path, serde_json::to_vec_pretty(&final_evaluation).unwrap_or_default())
+                    .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+            }
             progress.println(format!(
                 "step {step} (epoch {epoch}): val top-1 {:.2}% top-5 {:.2}% loss {:.4}{}",
                 raw.top1 * 100.0,
@@ -1071,6 +1114,7 @@ fn train(
         wall_s: started.elapsed().as_secs_f64(),
         skipped_samples,
         checkpoints: saves,
+        peak_memory_bytes: peak_rss_bytes(),
         plan,
     };
     if writer {

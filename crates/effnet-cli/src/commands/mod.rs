@@ -1,6 +1,7 @@
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod report;
 pub mod run;
 
 use crate::failure::bad_input;

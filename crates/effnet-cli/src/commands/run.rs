@@ -90,6 +90,9 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
     } else {
         print_summary(&summary);
     }
+    if spec.report.enabled {
+        super::report::after_run(&summary.plan.job_dir, &spec.report_dir(), args.json);
+    }
     Ok(())
 }
 
