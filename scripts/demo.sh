@@ -25,4 +25,5 @@ else
   "$EFFNET" run "$JOB"
 fi
 echo
+echo "report: .work/runs/fashion-mnist-b0/report/report.html (also report.md, report.json)"
 echo "metrics: .work/runs/fashion-mnist-b0/metrics.jsonl  summary: .work/runs/fashion-mnist-b0/summary.json"

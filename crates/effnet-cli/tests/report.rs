@@ -251,6 +251,32 @@ fn report_of_real_runs_agrees_with_the_evaluator_and_renders_in_chromium() {
     assert_eq!(job["environment"]["world_size"], 1);
     assert_eq!(job["config"]["name"], "main");
 
+    // The same report into a real S3 server (moto on loopback).
+    let server = effnet_store::testing::S3TestServer::start().unwrap();
+    let env: Vec<(String, String)> = server.env_vars().into_iter().collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = server.url("reports/main");
+    let outcome = common::effnet_with_env(
+        &["report", "--job-dir", main_dir.to_str().unwrap(), "--out", &url, "--json"],
+        &env,
+    );
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let printed: Value = serde_json::from_str(&outcome.stdout).unwrap();
+    let location = server.open("reports/main").unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let stored = runtime.block_on(async {
+        let path = location.path("report.json").unwrap();
+        effnet_store::get_bytes(location.store.as_ref(), &path).await.unwrap()
+    });
+    let stored: Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(stored, printed, "report.json in the bucket is what --json printed");
+    assert_eq!(stored["measured"], Value::Array(report["measured"].as_array().unwrap()[..2].to_vec()));
+    for name in ["report.md", "report.html", "accuracy-vs-flops.svg"] {
+        let path = location.path(name).unwrap();
+        let bytes = runtime.block_on(effnet_store::get_bytes(location.store.as_ref(), &path)).unwrap();
+        assert!(!bytes.is_empty(), "{name} in the bucket");
+    }
+
     // The HTML in a real browser: no console message (the page's CSP turns any fetch into one),
     // the table and both accuracy plots present, and drawn.
     assert!(!html.contains("<script"));
