@@ -114,20 +114,31 @@ pub fn charts(report: &Report) -> Vec<Chart> {
             } else {
                 name(job, "loss")
             };
-            loss.push(Series::new(&label, color, Mark::Line, points.clone()));
+            // Several jobs: one colour per job, later attempts dashed.
+            let series = Series::new(&label, color, Mark::Line, points.clone());
+            loss.push(if many && k > 0 { series.dashed() } else { series });
         }
+        const SHAPES: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Diamond];
         for (k, (attempt, points)) in job.series.throughput.iter().enumerate() {
             let color = if many { job_color(j) } else { job_color(k) };
+            let shape = if many { SHAPES[k % SHAPES.len()] } else { Shape::Circle };
             speed.push(Series::new(
                 &name(job, &format!("attempt {attempt}")),
                 color,
-                Mark::Points(Shape::Circle),
+                Mark::Points(shape),
                 points.clone(),
             ));
         }
         let raw: Vec<(f64, f64)> = job.evals.iter().map(|e| (e.epoch, e.top1)).collect();
         let ema: Vec<(f64, f64)> = job.evals.iter().filter_map(|e| Some((e.epoch, e.ema_top1?))).collect();
-        accuracy.push(Series::new(&name(job, "raw"), job_color(2 * j), Mark::LinePoints(Shape::Circle), raw));
+        if !raw.is_empty() {
+            accuracy.push(Series::new(
+                &name(job, "raw"),
+                job_color(2 * j),
+                Mark::LinePoints(Shape::Circle),
+                raw,
+            ));
+        }
         if !ema.is_empty() {
             accuracy.push(
                 Series::new(&name(job, "EMA"), job_color(2 * j + 1), Mark::LinePoints(Shape::Triangle), ema)
@@ -220,7 +231,8 @@ impl Table {
             out.push_str("<tr>");
             for c in row {
                 // Figures align right, words left.
-                let numeric = c.starts_with(|ch: char| ch.is_ascii_digit() || ch == '–' || ch == '-');
+                let numeric =
+                    c.len() < 16 && c.starts_with(|ch: char| ch.is_ascii_digit() || ch == '–' || ch == '-');
                 let class = if numeric { " class=\"num\"" } else { "" };
                 let _ = write!(out, "<td{class}>{}</td>", escape(c));
             }

@@ -77,15 +77,16 @@ fn print_summary(report: &Report) {
     }
     for job in &report.jobs {
         if report.measured.iter().all(|r| r.job != job.name) {
-            println!("{:<16} no evaluation yet ({})", job.name, job.status);
+            let why =
+                if job.data.val.is_none() { "no validation data (data.val)" } else { "no evaluation yet" };
+            println!("{:<16} {why}; {}", job.name, job.status);
         }
     }
 }
 
 /// The report at the end of `effnet run`, where the job says (`report.out`, else
 /// `<job_dir>/report`). A report that cannot be written is a warning: the training it describes
-/// is saved either way.
-/// With `--json` stdout holds only the summary, so the line goes to stderr.
+/// is saved either way. With `--json` stdout holds only the summary, so the line goes to stderr.
 pub fn after_run(job_dir: &Path, out: &str, json: bool) {
     match build(&[job_dir.to_path_buf()]).and_then(|report| write(&report, out)) {
         Ok(index) if json => eprintln!("report: {index}"),
