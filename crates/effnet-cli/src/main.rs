@@ -1,6 +1,20 @@
 //! The `effnet` binary: parse arguments, set up logging, run one command, map the outcome to an
 //! exit status (0 success, 2 bad input with a one-line reason, 1 anything else).
 
+/// `println!` for a command's output that may be piped into `head` or a pager: when the reader has
+/// gone (broken pipe) the command stops quietly with status 0 instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("writing to stdout: {error}");
+        }
+    }};
+}
+
 mod commands;
 mod failure;
 mod logging;

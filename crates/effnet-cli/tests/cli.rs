@@ -93,6 +93,24 @@ fn summary_bad_input_is_one_line_and_exit_2() {
     assert_bad_input(&effnet(&["model", "summary", "--classes", "many"]), &["--classes", "many"]);
 }
 
+/// Output piped into a reader that has gone (`effnet model summary --all | head -1`) ends the
+/// command quietly with status 0, not with a panic.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["model", "summary", "--all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes before the first line is written
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn help_succeeds() {
     for args in [

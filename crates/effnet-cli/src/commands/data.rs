@@ -104,7 +104,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
                 },
             ))?;
             bar.finish_and_clear();
-            println!("{}: {} train and {} test images", args.out, train.rows, test.rows);
+            out!("{}: {} train and {} test images", args.out, train.rows, test.rows);
         }
         Source::Idx => {
             let prefix =
@@ -134,7 +134,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
                 },
             ))?;
             bar.finish_and_clear();
-            println!("{}: {} images, {} skipped", args.out, manifest.rows, manifest.skipped.len());
+            out!("{}: {} images, {} skipped", args.out, manifest.rows, manifest.skipped.len());
         }
         Source::ImageFolder => {
             let source =
@@ -148,9 +148,9 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
                 bar.set_position(d);
             }))?;
             bar.finish_and_clear();
-            println!("{}: {} images, {} skipped", args.out, manifest.rows, manifest.skipped.len());
+            out!("{}: {} images, {} skipped", args.out, manifest.rows, manifest.skipped.len());
             for skipped in &manifest.skipped {
-                println!("skipped {}: {}", skipped.source, skipped.reason);
+                out!("skipped {}: {}", skipped.source, skipped.reason);
             }
         }
     }
@@ -200,15 +200,18 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
                 skipped: m.skipped.len(),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("{} ({})", report.url, report.name);
-                println!(
+                out!("{} ({})", report.url, report.name);
+                out!(
                     "parts {}  rows {}  row groups {}  bytes {}",
-                    report.parts, report.rows, report.row_groups, report.bytes
+                    report.parts,
+                    report.rows,
+                    report.row_groups,
+                    report.bytes
                 );
-                println!("classes {}: {}", report.classes.len(), report.classes.join(", "));
-                println!("skipped at prepare {}", report.skipped);
+                out!("classes {}: {}", report.classes.len(), report.classes.join(", "));
+                out!("skipped at prepare {}", report.skipped);
             }
             Ok(())
         }
@@ -245,9 +248,9 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
                 })
             })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
+                out!(
                     "{}: {} samples, {} decoded, {} corrupt",
                     report.url,
                     report.samples,
@@ -255,7 +258,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
                     report.corrupt.len()
                 );
                 for sample in &report.corrupt {
-                    println!("corrupt {}: {}", sample.key, sample.reason);
+                    out!("corrupt {}: {}", sample.key, sample.reason);
                 }
             }
             if report.corrupt.is_empty() { Ok(()) } else { std::process::exit(1) }

@@ -42,7 +42,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let report = evaluate_checkpoint(&options)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
@@ -50,19 +50,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
 }
 
 fn print_report(report: &CheckpointReport) {
-    println!(
+    out!(
         "checkpoint   {} (step {}, epoch {}, job {}, {} weights)",
-        report.checkpoint, report.step, report.epoch, report.job, report.weights
+        report.checkpoint,
+        report.step,
+        report.epoch,
+        report.job,
+        report.weights
     );
-    println!(
+    out!(
         "model        {}, {} parameters, {:.3} GFLOPs at {}×{}",
-        report.architecture, report.parameters, report.gflops, report.resolution, report.resolution
+        report.architecture,
+        report.parameters,
+        report.gflops,
+        report.resolution,
+        report.resolution
     );
-    println!("data         {} ({} samples)", report.data, report.samples);
-    println!("top-1        {:.2}%", report.top1 * 100.0);
-    println!("top-5        {:.2}%", report.top5 * 100.0);
-    println!("loss         {:.4}", report.loss);
-    println!(
+    out!("data         {} ({} samples)", report.data, report.samples);
+    out!("top-1        {:.2}%", report.top1 * 100.0);
+    out!("top-5        {:.2}%", report.top5 * 100.0);
+    out!("loss         {:.4}", report.loss);
+    out!(
         "throughput   {:.1} images/s on {}{}",
         report.images_per_s,
         report.device,
@@ -71,17 +79,17 @@ fn print_report(report: &CheckpointReport) {
             .map(|b| format!(", peak memory {:.0} MB", b as f64 / 1e6))
             .unwrap_or_default()
     );
-    println!();
+    out!();
     let width = report.classes.iter().map(|c| c.class.len()).max().unwrap_or(5).max(5);
-    println!("{:<width$}  {:>7}  {:>7}", "class", "samples", "top-1");
+    out!("{:<width$}  {:>7}  {:>7}", "class", "samples", "top-1");
     for class in &report.classes {
         let top1 = class.top1.map(|t| format!("{:.2}%", t * 100.0)).unwrap_or_else(|| "-".into());
-        println!("{:<width$}  {:>7}  {:>7}", class.class, class.samples, top1);
+        out!("{:<width$}  {:>7}  {:>7}", class.class, class.samples, top1);
     }
-    println!();
-    println!("confusion (rows: true class, columns: predicted, in class order)");
+    out!();
+    out!("confusion (rows: true class, columns: predicted, in class order)");
     for (class, row) in report.classes.iter().zip(&report.confusion) {
         let cells: Vec<String> = row.iter().map(|c| format!("{c:>5}")).collect();
-        println!("{:<width$} {}", class.class, cells.join(""));
+        out!("{:<width$} {}", class.class, cells.join(""));
     }
 }

@@ -227,10 +227,10 @@ fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
     };
     let summary = build_summary(&config, resolution)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        out!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    println!(
+    out!(
         "{}  width {:.3}  depth {:.3}  resolution {}  dropout {:.2}  drop path {:.2}",
         summary.name,
         summary.width,
@@ -239,7 +239,7 @@ fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
         summary.dropout,
         summary.drop_path_rate
     );
-    println!(
+    out!(
         "classes {}  input channels {}  BatchNorm eps {:e} momentum {}  blocks {}",
         summary.classes,
         summary.input_channels,
@@ -247,10 +247,10 @@ fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
         summary.batch_norm_momentum,
         summary.blocks
     );
-    println!();
-    println!("{:<6} {:<24} {:>11} {:>9} {:>7}", "stage", "operator", "resolution", "channels", "layers");
+    out!();
+    out!("{:<6} {:<24} {:>11} {:>9} {:>7}", "stage", "operator", "resolution", "channels", "layers");
     for row in &summary.stages {
-        println!(
+        out!(
             "{:<6} {:<24} {:>11} {:>9} {:>7}",
             row.stage,
             row.operator,
@@ -259,11 +259,13 @@ fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
             row.layers
         );
     }
-    println!();
-    println!("parameters  {}", group_thousands(summary.parameters));
-    println!(
+    out!();
+    out!("parameters  {}", group_thousands(summary.parameters));
+    out!(
         "GFLOPs      {:.3} (multiply-adds at {}x{})",
-        summary.gflops, summary.resolution, summary.resolution
+        summary.gflops,
+        summary.resolution,
+        summary.resolution
     );
     Ok(())
 }
@@ -303,14 +305,12 @@ fn summary_all(json: bool) -> anyhow::Result<()> {
         });
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "EfficientNet B0–B7, 1000 classes: built here vs torchvision (parameters) and the paper (GFLOPs)"
-    );
-    println!();
-    println!(
+    out!("EfficientNet B0–B7, 1000 classes: built here vs torchvision (parameters) and the paper (GFLOPs)");
+    out!();
+    out!(
         "{:<7} {:>5} {:>5} {:>5} {:>7} {:>6} {:>12} {:>12} {:>7} {:>7} {:>7}",
         "variant",
         "width",
@@ -325,7 +325,7 @@ fn summary_all(json: bool) -> anyhow::Result<()> {
         "top-1"
     );
     for row in &rows {
-        println!(
+        out!(
             "{:<7} {:>5.1} {:>5.1} {:>5} {:>7.1} {:>6} {:>12} {:>12} {:>7.2} {:>7.2} {:>6.1}%",
             row.variant.name(),
             row.width,
@@ -341,8 +341,8 @@ fn summary_all(json: bool) -> anyhow::Result<()> {
         );
     }
     let all_equal = rows.iter().all(|r| r.parameters == r.reference_parameters);
-    println!();
-    println!("parameter counts {} torchvision's", if all_equal { "all equal" } else { "DIFFER from" });
+    out!();
+    out!("parameter counts {} torchvision's", if all_equal { "all equal" } else { "DIFFER from" });
     Ok(())
 }
 

@@ -26,10 +26,10 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let report = build(&args.job_dirs)?;
     let index = write(&report, &args.out)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_summary(&report);
-        println!("report           {index}");
+        out!("report           {index}");
     }
     Ok(())
 }
@@ -61,7 +61,7 @@ pub fn write(report: &Report, out: &str) -> Result<String> {
 
 fn print_summary(report: &Report) {
     for row in &report.measured {
-        println!(
+        out!(
             "{:<16} {} top-1 {}  top-5 {}  ({}, {}×{}, {} epochs; {} params, {} FLOPs)",
             row.job,
             row.label,
@@ -79,7 +79,7 @@ fn print_summary(report: &Report) {
         if report.measured.iter().all(|r| r.job != job.name) {
             let why =
                 if job.data.val.is_none() { "no validation data (data.val)" } else { "no evaluation yet" };
-            println!("{:<16} {why}; {}", job.name, job.status);
+            out!("{:<16} {why}; {}", job.name, job.status);
         }
     }
 }
@@ -90,7 +90,7 @@ fn print_summary(report: &Report) {
 pub fn after_run(job_dir: &Path, out: &str, json: bool) {
     match build(&[job_dir.to_path_buf()]).and_then(|report| write(&report, out)) {
         Ok(index) if json => eprintln!("report: {index}"),
-        Ok(index) => println!("report           {index}"),
+        Ok(index) => out!("report           {index}"),
         Err(error) => tracing::warn!("the report could not be written: {error:#}"),
     }
 }

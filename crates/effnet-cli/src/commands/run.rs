@@ -67,6 +67,11 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
             print_plan(&plan);
+            let workers = spec.distributed.workers;
+            if workers > 1 {
+                let backend = format!("{:?}", backend(&spec)).to_lowercase();
+                println!("workers          {workers} ({backend}, device {:?})", spec.distributed.device);
+            }
             println!("{}: ok", args.job.display());
         }
         return Ok(());
@@ -117,17 +122,21 @@ fn worker_args(args: &RunArgs) -> Vec<String> {
     out
 }
 
+/// The collective backend of a job: as set, else NCCL on CUDA and MPI on the CPU.
+fn backend(spec: &JobSpec) -> effnet_config::Backend {
+    let cuda = spec.distributed.device == effnet_config::Device::Cuda;
+    spec.distributed.backend.unwrap_or(if cuda {
+        effnet_config::Backend::Nccl
+    } else {
+        effnet_config::Backend::Mpi
+    })
+}
+
 /// Start `distributed.workers` worker processes on this machine and wait for them.
 fn launch_workers(args: &RunArgs, spec: &JobSpec) -> Result<()> {
     let workers = spec.distributed.workers as usize;
     let exe = std::env::current_exe().context("locating the effnet binary")?;
-    let cuda = spec.distributed.device == effnet_config::Device::Cuda;
-    let backend = spec.distributed.backend.unwrap_or(if cuda {
-        effnet_config::Backend::Nccl
-    } else {
-        effnet_config::Backend::Mpi
-    });
-    let status = match backend {
+    let status = match backend(spec) {
         effnet_config::Backend::Mpi => {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let mut command = Command::new("mpirun");
