@@ -113,7 +113,11 @@ fn report_of_real_runs_agrees_with_the_evaluator_and_renders_in_chromium() {
     for file in ["report.md", "report.html", "report.json", "accuracy-vs-params.svg"] {
         assert!(main_dir.join("report").join(file).is_file(), "{file} after effnet run");
     }
-    let other = effnet(&["run", job_yaml(&data, "other", 8, false).to_str().unwrap(), "--progress", "never"]);
+    let other_yaml = job_yaml(&data, "other", 8, false);
+    let other = effnet(&["run", other_yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(other.code, 0, "{}", other.stderr);
+    // Started over with --fresh: the report covers the second run only.
+    let other = effnet(&["run", other_yaml.to_str().unwrap(), "--progress", "never", "--fresh"]);
     assert_eq!(other.code, 0, "{}", other.stderr);
 
     let out = data.dir.join("out");
@@ -190,6 +194,10 @@ fn report_of_real_runs_agrees_with_the_evaluator_and_renders_in_chromium() {
     assert_eq!(measured[0]["weights"], "raw");
     assert_eq!(measured[1]["weights"], "ema");
     assert_eq!(measured[2]["job"], "other");
+    let other_job = &report["jobs"][1];
+    assert_eq!(other_job["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(other_job["attempts"][0]["attempt"], 2);
+    assert_eq!((other_job["restarts"].as_u64(), other_job["steps_done"].as_u64()), (Some(0), Some(8)));
     // Labelled with what they are: never an ImageNet number.
     for row in measured {
         assert_eq!(row["imagenet"], false);

@@ -245,6 +245,15 @@ pub fn load(dir: &Path) -> Result<JobReport> {
             _ => unreadable_lines += 1,
         }
     }
+    // A run started with `--fresh` began the job again: what came before it is another run.
+    let fresh_from = records
+        .iter()
+        .filter(|r| r["type"] == "start" && r["fresh"] == true)
+        .filter_map(|r| u(&r["attempt"]))
+        .max();
+    if let Some(first) = fresh_from {
+        records.retain(|r| u(&r["attempt"]).is_some_and(|a| a >= first));
+    }
     let of = |kind: &'static str| records.iter().filter(move |r| r["type"] == kind);
     if of("start").next().is_none() {
         return Err(bad(dir, format!("{METRICS_FILE} has no start record: the job has not started")));

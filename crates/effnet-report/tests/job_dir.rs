@@ -143,3 +143,32 @@ fn a_stale_final_evaluation_is_not_used() {
             || report.measured[0].source.contains("c/step-00000004")
     );
 }
+
+#[test]
+fn a_fresh_start_begins_the_report_again() {
+    let dir = tempfile::tempdir().unwrap();
+    write_job(dir.path(), 4, "val set");
+    // `effnet run --fresh` after the job finished: attempt 3 starts over at step 0.
+    let mut text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    text.push('\n');
+    text.push_str(
+        &json!({"type": "start", "attempt": 3, "time": 200.0, "step": 0, "fresh": true, "world_size": 1})
+            .to_string(),
+    );
+    text.push('\n');
+    text.push_str(
+        &json!({"type": "step", "attempt": 3, "time": 201.0, "step": 1, "loss": 2.5, "lr": 0.001,
+        "drop_path": 0.0, "images_per_s": 16.0, "data_wait": 0.0, "comm": 0.0, "step_s": 1.0})
+        .to_string(),
+    );
+    text.push('\n');
+    std::fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+    let report = effnet_report::build(&[dir.path().to_path_buf()], "test").unwrap();
+    let job = &report.jobs[0];
+    assert_eq!(job.attempts.len(), 1);
+    assert_eq!(job.attempts[0].attempt, 3);
+    assert_eq!((job.steps_done, job.restarts, job.time_lost_s), (1, 0, 0.0));
+    assert!(!job.finished);
+    assert!(job.evals.is_empty() && job.checkpoints.is_empty());
+    assert!(report.measured.is_empty(), "the earlier run's accuracy is not this run's");
+}

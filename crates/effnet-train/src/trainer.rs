@@ -781,6 +781,15 @@ fn train(
     // From here on rank 0 writes: job directory, metrics, checkpoints.
     let mut metrics = if writer {
         let metrics = MetricsLog::open(&plan.job_dir, spec.data.log_sample_keys)?;
+        if options.resume == ResumeFrom::Fresh {
+            // The previous run's final evaluation is not this run's.
+            let path = plan.job_dir.join(EVALUATION_FILE);
+            if let Err(source) = std::fs::remove_file(&path)
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::Io { path: path.display().to_string(), source });
+            }
+        }
         let resolved = json!({ "spec": spec, "plan": &plan });
         let path = plan.job_dir.join("job.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&resolved).unwrap_or_default())
@@ -800,6 +809,8 @@ fn train(
         json!({
             "step": step,
             "resumed_from": restored.as_ref().map(|r| &r.url),
+            // `--fresh`: the job starts over; reports ignore the attempts before this one.
+            "fresh": options.resume == ResumeFrom::Fresh,
             "total_steps": plan.total_steps,
             "steps_per_epoch": plan.steps_per_epoch,
             "global_batch": plan.global_batch,
