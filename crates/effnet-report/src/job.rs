@@ -577,7 +577,7 @@ fn reference_for(model: &ModelInfo, top1: f64, imagenet: bool) -> (&'static pape
         return (paper::efficientnet_of_similar_accuracy(top1), "similar ImageNet top-1".into());
     }
     if let Some(row) = paper::efficientnet(&model.architecture) {
-        return (row, "same variant (accuracy not comparable: not ImageNet)".into());
+        return (row, "same variant; accuracy not comparable: not ImageNet".into());
     }
     let nearest = paper::TABLE2
         .iter()
@@ -587,7 +587,7 @@ fn reference_for(model: &ModelInfo, top1: f64, imagenet: bool) -> (&'static pape
             d(a).total_cmp(&d(b))
         })
         .expect("the table has EfficientNets");
-    (nearest, "nearest size (accuracy not comparable: not ImageNet)".into())
+    (nearest, "nearest size; accuracy not comparable: not ImageNet".into())
 }
 
 #[cfg(test)]

@@ -477,7 +477,7 @@ fn checkpoints_table(job: &JobReport) -> Table {
             c.step.to_string(),
             c.attempt.to_string(),
             megabytes(c.bytes as f64),
-            duration(c.save_s),
+            format!("{} s", fixed(c.save_s, 2)),
         ]);
     }
     table
