@@ -45,6 +45,8 @@ pub struct JobReport {
     pub skipped_samples: u64,
     /// Lines of metrics.jsonl that could not be read (a torn last line after a crash).
     pub unreadable_lines: u64,
+    /// What the report could not use, and why.
+    pub notes: Vec<String>,
     pub series: Series,
     /// `evaluation.json` as the trainer wrote it (`effnet eval --json`'s format), when it belongs
     /// to the newest step.
@@ -353,7 +355,14 @@ pub fn load(dir: &Path) -> Result<JobReport> {
         throughput: speed,
     };
 
-    let final_evaluation = read_final_evaluation(dir, steps_done)?;
+    let mut notes = Vec::new();
+    let final_evaluation = match read_final_evaluation(dir, steps_done) {
+        Ok(evaluation) => evaluation,
+        Err(reason) => {
+            notes.push(format!("{reason}; the measured rows come from metrics.jsonl"));
+            None
+        }
+    };
     let last_end = of("end").next_back();
     let last_start = of("start").next_back().expect("checked above");
     let mut environment = last_start["environment"].clone();
@@ -392,6 +401,7 @@ pub fn load(dir: &Path) -> Result<JobReport> {
         checkpoints,
         skipped_samples,
         unreadable_lines,
+        notes,
         series,
         final_evaluation,
         peak_memory_bytes: last_end.and_then(|e| u(&e["summary"]["peak_memory_bytes"])),
@@ -400,15 +410,19 @@ pub fn load(dir: &Path) -> Result<JobReport> {
     })
 }
 
-fn read_final_evaluation(dir: &Path, steps_done: u64) -> Result<Option<FinalEvaluation>> {
+/// The final evaluation when there is one for the newest step; an unreadable one is a reason.
+fn read_final_evaluation(
+    dir: &Path,
+    steps_done: u64,
+) -> std::result::Result<Option<FinalEvaluation>, String> {
     let path = dir.join(EVALUATION_FILE);
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| bad(dir, format!("{EVALUATION_FILE} cannot be read: {e}")))?;
-    let evaluation: FinalEvaluation = serde_json::from_str(&text)
-        .map_err(|e| bad(dir, format!("{EVALUATION_FILE} is not an evaluation: {e}")))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("{EVALUATION_FILE} cannot be read: {e}"))?;
+    let evaluation: FinalEvaluation =
+        serde_json::from_str(&text).map_err(|e| format!("{EVALUATION_FILE} is not an evaluation: {e}"))?;
     // One from an earlier end (the job was extended since) is not the newest step's.
     Ok((evaluation.raw.step == steps_done).then_some(evaluation))
 }

@@ -357,6 +357,9 @@ fn summary_table(job: &JobReport) -> Table {
         add("peak memory", format!("{} (resident, trainer process)", megabytes(bytes as f64)));
     }
     add("skipped samples", format!("{} (unusable; keys in metrics.jsonl)", job.skipped_samples));
+    for note in &job.notes {
+        add("note", note.clone());
+    }
     if job.unreadable_lines > 0 {
         add(
             "unreadable log lines",

@@ -138,9 +138,18 @@ fn a_stale_final_evaluation_is_not_used() {
     let report = effnet_report::build(&[dir.path().to_path_buf()], "test").unwrap();
     assert_eq!(report.measured.len(), 1);
     assert_eq!(report.measured[0].top1, 0.1);
+    assert!(report.measured[0].source.starts_with("final evaluation of c/step-00000004"));
+    // A damaged one is left aside, with a note, rather than stopping the report.
+    std::fs::write(dir.path().join("evaluation.json"), "{\"raw\": {\"step\"").unwrap();
+    let report = effnet_report::build(&[dir.path().to_path_buf()], "test").unwrap();
+    assert_eq!(report.measured[0].top1, 0.75);
     assert!(
-        report.measured[0].source.contains("final evaluation of c/step-00000004")
-            || report.measured[0].source.contains("c/step-00000004")
+        report.jobs[0].notes[0].starts_with("evaluation.json is not an evaluation"),
+        "{:?}",
+        report.jobs[0].notes
+    );
+    assert!(
+        effnet_report::render::markdown(&report).contains("| note | evaluation.json is not an evaluation")
     );
 }
 

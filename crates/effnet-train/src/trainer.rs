@@ -1017,8 +1017,11 @@ fn train(
                     "raw": CheckpointReport::new(header.clone(), "raw", classes, raw_evaluation),
                     "ema": ema_evaluation.map(|e| CheckpointReport::new(header, "ema", classes, e)),
                 });
+                // Written beside and renamed: a reader never sees half of it.
                 let path = plan.job_dir.join(EVALUATION_FILE);
-                std::fs::write(&path, serde_json::to_vec_pretty(&final_evaluation).unwrap_or_default())
+                let partial = plan.job_dir.join(format!(".{EVALUATION_FILE}.partial"));
+                std::fs::write(&partial, serde_json::to_vec_pretty(&final_evaluation).unwrap_or_default())
+                    .and_then(|()| std::fs::rename(&partial, &path))
                     .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
             }
             progress.println(format!(
