@@ -144,12 +144,9 @@ fn report_of_real_runs_agrees_with_the_evaluator_and_renders_in_chromium() {
     assert_eq!(row("GPipe")["params"], 557e6);
     assert_eq!(row("GPipe")["top1"], 0.843);
     assert!(report["reference"]["source"].as_str().unwrap().contains("1905.11946"));
-    for text in [&markdown, &html] {
-        assert!(text.contains("1905.11946"));
-        assert!(
-            text.contains("| ResNet-50 | ImageNet |") || text.contains("<td>ResNet-50</td><td>ImageNet</td>")
-        );
-    }
+    assert!(markdown.contains("1905.11946") && html.contains("1905.11946"));
+    assert!(markdown.contains("| ResNet-50 | ImageNet | – | – | 76.0% | 93.0% | 26M | 4.91× | 4.1B | 11× |"));
+    assert!(html.contains("<td>ResNet-50</td><td>ImageNet</td>"));
 
     // Measured rows: the final evaluation of each job, equal to the evaluator's output.
     let measured = report["measured"].as_array().unwrap();
