@@ -383,11 +383,19 @@ impl Chart {
                     s.push_str(&marker(shape, (lx + 20.0, cy), &color, "lm"));
                     s.push_str("</g>\n");
                 }
+                // A name too long for the box is shortened with an ellipsis; the whole name is
+                // the entry's tooltip.
+                let shown = fit(&ser.name, legend_w - 44.0, LEGEND_FONT);
+                let tooltip = if shown == ser.name {
+                    String::new()
+                } else {
+                    format!("<title>{}</title>", esc(&ser.name))
+                };
                 s.push_str(&format!(
-                    "<text x=\"{}\" y=\"{}\" dy=\"0.32em\" fill=\"#222222\">{}</text>\n",
+                    "<text x=\"{}\" y=\"{}\" dy=\"0.32em\" fill=\"#222222\">{}{tooltip}</text>\n",
                     n(lx + 38.0),
                     n(cy),
-                    esc(&ser.name)
+                    esc(&shown)
                 ));
             }
             s.push_str("</g>\n");
@@ -655,6 +663,18 @@ fn n(v: f64) -> String {
     trim(&fixed(v, 2))
 }
 
+/// `text` cut to fit `max_w` pixels at `font` size, ending in "…" when cut.
+fn fit(text: &str, max_w: f64, font: f64) -> String {
+    if text_w(text, font) <= max_w {
+        return text.to_string();
+    }
+    let mut cut: String = text.to_string();
+    while !cut.is_empty() && text_w(&format!("{cut}…"), font) > max_w {
+        cut.pop();
+    }
+    format!("{}…", cut.trim_end())
+}
+
 /// Rough rendered width of `s` in a sans-serif font of size `font`.
 fn text_w(s: &str, font: f64) -> f64 {
     s.chars().count() as f64 * font * 0.58
@@ -679,6 +699,24 @@ fn esc(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn long_legend_names_are_shortened_with_the_whole_name_as_tooltip() {
+        let long = "a very long series name that cannot possibly fit in the legend box of a chart";
+        let chart = Chart::new("c", "t", Axis::linear("x"), Axis::linear("y"))
+            .series(Series::new(long, "#000000", Mark::Line, vec![(0.0, 0.0), (1.0, 1.0)]))
+            .series(Series::new("short", "#ff0000", Mark::Line, vec![(0.0, 1.0)]));
+        let svg = chart.to_svg();
+        let doc = roxmltree::Document::parse(&svg).unwrap();
+        let legend = doc.descendants().find(|n| n.attribute("class") == Some("legend")).unwrap();
+        let texts: Vec<_> = legend.descendants().filter(|n| n.has_tag_name("text")).collect();
+        let shown = texts[0].text().unwrap();
+        assert!(shown.ends_with('…') && shown.len() < long.len(), "{shown}");
+        assert!(long.starts_with(shown.trim_end_matches('…')));
+        assert_eq!(texts[0].children().find(|n| n.has_tag_name("title")).unwrap().text(), Some(long));
+        assert_eq!(texts[1].text(), Some("short"));
+        assert!(texts[1].children().all(|n| !n.has_tag_name("title")));
+    }
+
     use super::*;
 
     fn parse(svg: &str) -> roxmltree::Document<'_> {
