@@ -117,12 +117,13 @@ pub fn build(job_dirs: &[PathBuf], generated_by: &str) -> Result<Report> {
 
 /// The files of a report, by name.
 pub fn files(report: &Report) -> Vec<(String, Vec<u8>)> {
+    let documents = render::documents(report);
     let mut files = vec![
         ("report.json".to_string(), serde_json::to_vec_pretty(report).expect("a report serialises")),
-        ("report.md".to_string(), render::markdown(report).into_bytes()),
-        ("report.html".to_string(), render::html(report).into_bytes()),
+        ("report.md".to_string(), documents.markdown.into_bytes()),
+        ("report.html".to_string(), documents.html.into_bytes()),
     ];
-    for chart in render::charts(report) {
+    for chart in documents.charts {
         files.push((format!("{}.svg", chart.id), chart.to_svg().into_bytes()));
     }
     files

@@ -514,52 +514,120 @@ fn note(report: &Report) -> String {
     )
 }
 
-/// Markdown with the plots as SVG files beside it (`<chart id>.svg`).
-pub fn markdown(report: &Report) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# {}\n\n{}\n", headline(report), note(report));
-    let _ = writeln!(out, "## Accuracy against parameters and FLOPs\n");
-    accuracy_table(report).markdown(&mut out);
-    let _ = writeln!(out, "![Top-1 accuracy vs parameters](accuracy-vs-params.svg)\n");
-    let _ = writeln!(out, "![Top-1 accuracy vs FLOPs](accuracy-vs-flops.svg)\n");
-    for chart in charts(report).iter().skip(2) {
-        if chart.id == "loss" {
-            let _ = writeln!(out, "## Training curves\n");
-        }
-        let _ = writeln!(out, "![{}]({}.svg)\n", chart.title, chart.id);
-    }
+/// One part of the report, written as Markdown or as HTML.
+enum Block {
+    /// A heading of `level` (1–3), with an optional trailing code span (`Job x (`dir`)`).
+    Heading(u8, String, Option<String>),
+    /// The paragraph under the title (greyed in HTML).
+    Note(String),
+    Text(String),
+    Table(Table),
+    /// Charts by index into the report's charts.
+    Charts(std::ops::Range<usize>),
+    /// A collapsed section in HTML, a heading and a fenced block in Markdown.
+    Details {
+        summary: String,
+        language: &'static str,
+        body: String,
+    },
+}
+
+/// The report's structure, shared by both documents.
+fn blocks(report: &Report, charts: &[Chart]) -> Vec<Block> {
+    let mut blocks = vec![
+        Block::Heading(1, headline(report), None),
+        Block::Note(note(report)),
+        Block::Heading(2, "Accuracy against parameters and FLOPs".into(), None),
+        Block::Table(accuracy_table(report)),
+        Block::Charts(0..2),
+        Block::Heading(2, "Training curves".into(), None),
+        Block::Charts(2..charts.len()),
+    ];
     for job in &report.jobs {
-        let _ = writeln!(out, "## Job {} (`{}`)\n", job.name, job.dir);
-        summary_table(job).markdown(&mut out);
+        blocks.push(Block::Heading(2, format!("Job {}", job.name), Some(job.dir.clone())));
+        blocks.push(Block::Table(summary_table(job)));
         if !job.evals.is_empty() {
-            let _ = writeln!(out, "### Evaluations during training\n");
-            evals_table(job).markdown(&mut out);
+            blocks.push(Block::Heading(3, "Evaluations during training".into(), None));
+            blocks.push(Block::Table(evals_table(job)));
         }
         if let Some(table) = per_class_table(job) {
             let e = &job.final_evaluation.as_ref().expect("per-class needs it").raw;
-            let _ = writeln!(
-                out,
-                "### Final evaluation: {} (step {}, {} samples of {})\n",
-                e.checkpoint, e.step, e.samples, e.data
-            );
-            table.markdown(&mut out);
+            blocks.push(Block::Heading(
+                3,
+                format!(
+                    "Final evaluation: {} (step {}, {} samples of {})",
+                    e.checkpoint, e.step, e.samples, e.data
+                ),
+                None,
+            ));
+            blocks.push(Block::Table(table));
             if let Some(confusion) = confusion_table(job) {
-                let _ = writeln!(out, "Confusion (raw weights; rows: true class, columns: predicted):\n");
-                confusion.markdown(&mut out);
+                blocks.push(Block::Text(
+                    "Confusion (raw weights; rows: true class, columns: predicted):".into(),
+                ));
+                blocks.push(Block::Table(confusion));
             }
         }
-        let _ = writeln!(out, "### Attempts, restarts and time lost\n");
-        attempts_table(job).markdown(&mut out);
-        let _ = writeln!(out, "### Checkpoints\n");
-        checkpoints_table(job).markdown(&mut out);
-        let _ = writeln!(out, "### Environment\n");
-        environment_table(job).markdown(&mut out);
-        let _ = writeln!(out, "### Configuration (resolved job spec)\n");
-        let _ = writeln!(
-            out,
-            "```json\n{}\n```\n",
-            serde_json::to_string_pretty(&job.config).unwrap_or_default()
-        );
+        blocks.push(Block::Heading(3, "Attempts, restarts and time lost".into(), None));
+        blocks.push(Block::Table(attempts_table(job)));
+        blocks.push(Block::Heading(3, "Checkpoints".into(), None));
+        blocks.push(Block::Table(checkpoints_table(job)));
+        blocks.push(Block::Heading(3, "Environment".into(), None));
+        blocks.push(Block::Table(environment_table(job)));
+        blocks.push(Block::Details {
+            summary: "Configuration (resolved job spec)".into(),
+            language: "json",
+            body: serde_json::to_string_pretty(&job.config).unwrap_or_default(),
+        });
+    }
+    blocks
+}
+
+/// Both documents and the charts they show (built once).
+pub struct Documents {
+    pub markdown: String,
+    pub html: String,
+    pub charts: Vec<Chart>,
+}
+
+pub fn documents(report: &Report) -> Documents {
+    let charts = charts(report);
+    let blocks = blocks(report, &charts);
+    Documents { markdown: to_markdown(&blocks, &charts), html: to_html(report, &blocks, &charts), charts }
+}
+
+/// Markdown with the plots as SVG files beside it (`<chart id>.svg`).
+pub fn markdown(report: &Report) -> String {
+    documents(report).markdown
+}
+
+/// One self-contained HTML file: inline CSS and SVG, no script, and a content security policy
+/// that forbids every fetch.
+pub fn html(report: &Report) -> String {
+    documents(report).html
+}
+
+fn to_markdown(blocks: &[Block], charts: &[Chart]) -> String {
+    let mut out = String::new();
+    for block in blocks {
+        match block {
+            Block::Heading(level, text, code) => {
+                let code = code.as_ref().map(|c| format!(" (`{c}`)")).unwrap_or_default();
+                let _ = writeln!(out, "{} {text}{code}\n", "#".repeat(*level as usize));
+            }
+            Block::Note(text) | Block::Text(text) => {
+                let _ = writeln!(out, "{text}\n");
+            }
+            Block::Table(table) => table.markdown(&mut out),
+            Block::Charts(range) => {
+                for chart in &charts[range.clone()] {
+                    let _ = writeln!(out, "![{}]({}.svg)\n", chart.title, chart.id);
+                }
+            }
+            Block::Details { summary, language, body } => {
+                let _ = writeln!(out, "### {summary}\n\n```{language}\n{body}\n```\n");
+            }
+        }
     }
     out
 }
@@ -573,9 +641,7 @@ tr.part td{background:#eef3fa;font-weight:bold;text-align:left}\
 .charts{display:flex;flex-wrap:wrap;gap:1em}.charts>svg{width:calc(50% - .5em);height:auto}.note{color:#555}\
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}";
 
-/// One self-contained HTML file: inline CSS and SVG, no script, and a content security policy
-/// that forbids every fetch.
-pub fn html(report: &Report) -> String {
+fn to_html(report: &Report, blocks: &[Block], charts: &[Chart]) -> String {
     let mut out = String::new();
     let _ = write!(
         out,
@@ -585,58 +651,36 @@ pub fn html(report: &Report) -> String {
 <title>{}</title><style>{STYLE}</style></head><body>\n",
         escape(&headline(report))
     );
-    let _ = writeln!(
-        out,
-        "<h1>{}</h1><p class=\"note\">{}</p>",
-        escape(&headline(report)),
-        escape(&note(report))
-    );
-    let _ = writeln!(out, "<h2>Accuracy against parameters and FLOPs</h2>");
-    accuracy_table(report).html(&mut out);
-    let charts = charts(report);
-    out.push_str("<div class=\"charts\">");
-    for chart in &charts[..2] {
-        out.push_str(&chart.to_svg());
-    }
-    out.push_str("</div>\n<h2>Training curves</h2><div class=\"charts\">");
-    for chart in &charts[2..] {
-        out.push_str(&chart.to_svg());
-    }
-    out.push_str("</div>\n");
-    for job in &report.jobs {
-        let _ = writeln!(out, "<h2>Job {} (<code>{}</code>)</h2>", escape(&job.name), escape(&job.dir));
-        summary_table(job).html(&mut out);
-        if !job.evals.is_empty() {
-            out.push_str("<h3>Evaluations during training</h3>");
-            evals_table(job).html(&mut out);
-        }
-        if let Some(table) = per_class_table(job) {
-            let e = &job.final_evaluation.as_ref().expect("per-class needs it").raw;
-            let _ = writeln!(
-                out,
-                "<h3>Final evaluation: {} (step {}, {} samples of {})</h3>",
-                escape(&e.checkpoint),
-                e.step,
-                e.samples,
-                escape(&e.data)
-            );
-            table.html(&mut out);
-            if let Some(confusion) = confusion_table(job) {
-                out.push_str("<p>Confusion (raw weights; rows: true class, columns: predicted):</p>");
-                confusion.html(&mut out);
+    for block in blocks {
+        match block {
+            Block::Heading(level, text, code) => {
+                let code =
+                    code.as_ref().map(|c| format!(" (<code>{}</code>)", escape(c))).unwrap_or_default();
+                let _ = writeln!(out, "<h{level}>{}{code}</h{level}>", escape(text));
+            }
+            Block::Note(text) => {
+                let _ = writeln!(out, "<p class=\"note\">{}</p>", escape(text));
+            }
+            Block::Text(text) => {
+                let _ = writeln!(out, "<p>{}</p>", escape(text));
+            }
+            Block::Table(table) => table.html(&mut out),
+            Block::Charts(range) => {
+                out.push_str("<div class=\"charts\">");
+                for chart in &charts[range.clone()] {
+                    out.push_str(&chart.to_svg());
+                }
+                out.push_str("</div>\n");
+            }
+            Block::Details { summary, body, .. } => {
+                let _ = writeln!(
+                    out,
+                    "<details><summary>{}</summary><pre>{}</pre></details>",
+                    escape(summary),
+                    escape(body)
+                );
             }
         }
-        out.push_str("<h3>Attempts, restarts and time lost</h3>");
-        attempts_table(job).html(&mut out);
-        out.push_str("<h3>Checkpoints</h3>");
-        checkpoints_table(job).html(&mut out);
-        out.push_str("<h3>Environment</h3>");
-        environment_table(job).html(&mut out);
-        let _ = writeln!(
-            out,
-            "<details><summary>Configuration (resolved job spec)</summary><pre>{}</pre></details>",
-            escape(&serde_json::to_string_pretty(&job.config).unwrap_or_default())
-        );
     }
     out.push_str("</body></html>\n");
     out
