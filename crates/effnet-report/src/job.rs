@@ -8,12 +8,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::evaluation::{EVALUATION_FILE, FinalEvaluation};
 use crate::paper;
 use crate::{Error, MeasuredRow, Result};
 
 pub const JOB_FILE: &str = "job.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const EVALUATION_FILE: &str = "evaluation.json";
 
 /// At most this many points per plotted series (longer ones are averaged in buckets).
 pub const MAX_POINTS: usize = 500;
@@ -138,44 +138,6 @@ pub struct Series {
     pub data_wait: Vec<(f64, f64)>,
     /// Images/s against minutes since the first start, per attempt.
     pub throughput: Vec<(u64, Vec<(f64, f64)>)>,
-}
-
-/// The trainer's final evaluation: `{"raw": report, "ema": report or null}`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FinalEvaluation {
-    pub raw: Evaluation,
-    pub ema: Option<Evaluation>,
-}
-
-/// One evaluation in the format of `effnet eval --json` (the fields the report uses; the rest
-/// are kept as they were).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Evaluation {
-    pub checkpoint: String,
-    pub step: u64,
-    pub epoch: u64,
-    pub weights: String,
-    pub data: String,
-    pub architecture: String,
-    pub parameters: i64,
-    pub resolution: u32,
-    pub gflops: f64,
-    pub top1: f64,
-    pub top5: f64,
-    pub loss: f64,
-    pub samples: u64,
-    pub images_per_s: f64,
-    pub peak_memory_bytes: Option<u64>,
-    pub device: String,
-    pub classes: Vec<ClassResult>,
-    pub confusion: Vec<Vec<u64>>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClassResult {
-    pub class: String,
-    pub samples: u64,
-    pub top1: Option<f64>,
 }
 
 fn bad(dir: &Path, reason: impl Into<String>) -> Error {
@@ -415,16 +377,8 @@ fn read_final_evaluation(
     dir: &Path,
     steps_done: u64,
 ) -> std::result::Result<Option<FinalEvaluation>, String> {
-    let path = dir.join(EVALUATION_FILE);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("{EVALUATION_FILE} cannot be read: {e}"))?;
-    let evaluation: FinalEvaluation =
-        serde_json::from_str(&text).map_err(|e| format!("{EVALUATION_FILE} is not an evaluation: {e}"))?;
     // One from an earlier end (the job was extended since) is not the newest step's.
-    Ok((evaluation.raw.step == steps_done).then_some(evaluation))
+    Ok(FinalEvaluation::read(dir)?.filter(|evaluation| evaluation.raw.step == steps_done))
 }
 
 /// Per attempt: its span, how it ended, and what its interruption cost.

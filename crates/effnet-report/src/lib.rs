@@ -8,6 +8,7 @@
 //! trainer's logs and its final evaluation, which is the evaluator's own output for the final
 //! checkpoint (the format of `effnet eval --json`).
 
+pub mod evaluation;
 pub mod format;
 pub mod job;
 pub mod paper;
@@ -139,11 +140,16 @@ pub fn write(report: &Report, out: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for (name, bytes) in files(report) {
         let path = out.join(&name);
-        // Write beside, then rename: a reader never sees half a report.
-        let partial = out.join(format!(".{name}.partial"));
-        std::fs::write(&partial, &bytes).map_err(io(&partial))?;
-        std::fs::rename(&partial, &path).map_err(io(&path))?;
+        write_atomically(&path, &bytes).map_err(io(&path))?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// Write beside, then rename: a reader never sees half a file.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let partial = path.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path)
 }

@@ -123,7 +123,7 @@ fn a_stale_final_evaluation_is_not_used() {
     let dir = tempfile::tempdir().unwrap();
     write_job(dir.path(), 4, "val set");
     // An evaluation.json from step 4 (the job went on since): ignored.
-    let evaluation = json!({"raw": {"checkpoint": "c/step-00000004", "step": 4, "epoch": 1, "weights": "raw",
+    let evaluation = json!({"raw": {"checkpoint": "c/step-00000004", "step": 4, "epoch": 1, "job": "hand", "weights": "raw",
         "data": "/data/val", "architecture": "EfficientNet-B0", "parameters": 5_288_548, "resolution": 224,
         "gflops": 0.39, "top1": 0.1, "top5": 0.2, "loss": 3.0, "samples": 32, "images_per_s": 1.0,
         "peak_memory_bytes": null, "device": "Cpu", "classes": [], "confusion": []}, "ema": null});

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Reduction, Tensor};
 
+pub use effnet_report::evaluation::{CheckpointReport, ClassResult};
+
 use crate::amp;
 use crate::error::{Error, Result};
 use crate::sync::DataParallel;
@@ -224,40 +226,6 @@ pub struct CheckpointEvalOptions {
     pub threads: Option<usize>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct ClassResult {
-    pub class: String,
-    pub samples: u64,
-    pub top1: Option<f64>,
-}
-
-/// What `effnet eval` prints.
-#[derive(Clone, Debug, Serialize)]
-pub struct CheckpointReport {
-    pub checkpoint: String,
-    pub step: u64,
-    pub epoch: u64,
-    pub job: String,
-    pub weights: &'static str,
-    pub data: String,
-    pub architecture: String,
-    pub parameters: i64,
-    pub resolution: u32,
-    /// Multiply-adds of one image at `resolution`, in billions (the paper's "FLOPs").
-    pub gflops: f64,
-    pub top1: f64,
-    pub top5: f64,
-    pub loss: f64,
-    pub samples: u64,
-    pub images_per_s: f64,
-    /// Peak resident memory of this process (VmHWM), bytes.
-    pub peak_memory_bytes: Option<u64>,
-    pub device: String,
-    pub classes: Vec<ClassResult>,
-    /// `confusion[true][predicted]`.
-    pub confusion: Vec<Vec<u64>>,
-}
-
 /// What a [`CheckpointReport`] says about the checkpoint, model and data besides the evaluation.
 #[derive(Clone, Debug)]
 pub struct ReportHeader {
@@ -273,43 +241,41 @@ pub struct ReportHeader {
     pub device: String,
 }
 
-impl CheckpointReport {
-    /// The report of one evaluation (`weights`: "raw" or "ema"), with per-class accuracy named by
-    /// the dataset's classes. The trainer's final evaluation and `effnet eval` both build it here.
-    pub fn new(
-        header: ReportHeader,
-        weights: &'static str,
-        class_names: &[String],
-        evaluation: Evaluation,
-    ) -> CheckpointReport {
-        let classes = class_names
-            .iter()
-            .zip(&evaluation.confusion)
-            .zip(evaluation.per_class())
-            .map(|((name, row), top1)| ClassResult { class: name.clone(), samples: row.iter().sum(), top1 })
-            .collect();
-        let metrics = evaluation.metrics;
-        CheckpointReport {
-            checkpoint: header.checkpoint,
-            step: header.step,
-            epoch: header.epoch,
-            job: header.job,
-            weights,
-            data: header.data,
-            architecture: header.architecture,
-            parameters: header.parameters,
-            resolution: header.resolution,
-            gflops: header.gflops,
-            top1: metrics.top1,
-            top5: metrics.top5,
-            loss: metrics.loss,
-            samples: metrics.samples,
-            images_per_s: metrics.images_per_s,
-            peak_memory_bytes: peak_rss_bytes(),
-            device: header.device,
-            classes,
-            confusion: evaluation.confusion,
-        }
+/// The report of one evaluation (`weights`: "raw" or "ema"), with per-class accuracy named by the
+/// dataset's classes. The trainer's final evaluation and `effnet eval` both build it here.
+pub fn checkpoint_report(
+    header: ReportHeader,
+    weights: &str,
+    class_names: &[String],
+    evaluation: Evaluation,
+) -> CheckpointReport {
+    let classes = class_names
+        .iter()
+        .zip(&evaluation.confusion)
+        .zip(evaluation.per_class())
+        .map(|((name, row), top1)| ClassResult { class: name.clone(), samples: row.iter().sum(), top1 })
+        .collect();
+    let metrics = evaluation.metrics;
+    CheckpointReport {
+        checkpoint: header.checkpoint,
+        step: header.step,
+        epoch: header.epoch,
+        job: header.job,
+        weights: weights.to_string(),
+        data: header.data,
+        architecture: header.architecture,
+        parameters: header.parameters,
+        resolution: header.resolution,
+        gflops: header.gflops,
+        top1: metrics.top1,
+        top5: metrics.top5,
+        loss: metrics.loss,
+        samples: metrics.samples,
+        images_per_s: metrics.images_per_s,
+        peak_memory_bytes: peak_rss_bytes(),
+        device: header.device,
+        classes,
+        confusion: evaluation.confusion,
     }
 }
 
@@ -394,5 +360,5 @@ pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<Checkpoint
         gflops: model.multiply_adds(resolution) as f64 / 1e9,
         device: format!("{device:?}"),
     };
-    Ok(CheckpointReport::new(header, weights, &dataset.manifest.classes, evaluation))
+    Ok(checkpoint_report(header, weights, &dataset.manifest.classes, evaluation))
 }

@@ -13,11 +13,10 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 
-pub const METRICS_FILE: &str = "metrics.jsonl";
+// The report reads these files, so their names are its.
+pub use effnet_report::evaluation::EVALUATION_FILE;
+pub use effnet_report::job::{JOB_FILE, METRICS_FILE};
 pub const SAMPLES_FILE: &str = "samples.jsonl";
-/// The final evaluation in full: `{"raw": report, "ema": report or null}`, each report in the
-/// format of `effnet eval --json`.
-pub const EVALUATION_FILE: &str = "evaluation.json";
 
 pub struct MetricsLog {
     path: PathBuf,

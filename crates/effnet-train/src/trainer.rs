@@ -32,10 +32,10 @@ use crate::amp;
 use crate::checkpoint::{self, CheckpointStore, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, SaveStats};
 use crate::ema::Ema;
 use crate::error::{Error, Result};
-use crate::evaluate::{CheckpointReport, EvalSettings, Precision, ReportHeader, evaluate, peak_rss_bytes};
 pub use crate::evaluate::{EvalMetrics, top_k_hits};
+use crate::evaluate::{EvalSettings, Precision, ReportHeader, checkpoint_report, evaluate, peak_rss_bytes};
 use crate::feed::{self, Feed, FeedSettings};
-use crate::metrics::{EVALUATION_FILE, MetricsLog};
+use crate::metrics::{EVALUATION_FILE, JOB_FILE, MetricsLog};
 use crate::optim::{Optimizer, OptimizerRule};
 use crate::schedule::{Decay, DropPathRamp, LrSchedule};
 use crate::sync::{DataParallel, GradientDtype};
@@ -791,7 +791,7 @@ fn train(
             }
         }
         let resolved = json!({ "spec": spec, "plan": &plan });
-        let path = plan.job_dir.join("job.json");
+        let path = plan.job_dir.join(JOB_FILE);
         std::fs::write(&path, serde_json::to_vec_pretty(&resolved).unwrap_or_default())
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         metrics
@@ -1013,16 +1013,14 @@ fn train(
                     device: format!("{device:?}"),
                 };
                 let classes = &val.manifest.classes;
-                let final_evaluation = json!({
-                    "raw": CheckpointReport::new(header.clone(), "raw", classes, raw_evaluation),
-                    "ema": ema_evaluation.map(|e| CheckpointReport::new(header, "ema", classes, e)),
-                });
-                // Written beside and renamed: a reader never sees half of it.
-                let path = plan.job_dir.join(EVALUATION_FILE);
-                let partial = plan.job_dir.join(format!(".{EVALUATION_FILE}.partial"));
-                std::fs::write(&partial, serde_json::to_vec_pretty(&final_evaluation).unwrap_or_default())
-                    .and_then(|()| std::fs::rename(&partial, &path))
-                    .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+                let final_evaluation = effnet_report::evaluation::FinalEvaluation {
+                    raw: checkpoint_report(header.clone(), "raw", classes, raw_evaluation),
+                    ema: ema_evaluation.map(|e| checkpoint_report(header, "ema", classes, e)),
+                };
+                final_evaluation.write(&plan.job_dir).map_err(|source| Error::Io {
+                    path: plan.job_dir.join(EVALUATION_FILE).display().to_string(),
+                    source,
+                })?;
             }
             progress.println(format!(
                 "step {step} (epoch {epoch}): val top-1 {:.2}% top-5 {:.2}% loss {:.4}{}",
