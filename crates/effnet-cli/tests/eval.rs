@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_bad_input, effnet, synthetic_dataset};
+use common::{assert_bad_input, effnet, eval_json, synthetic_dataset};
 use effnet_data::writer::{DatasetWriter, WriterOptions};
 
 struct Trained {
@@ -54,15 +54,6 @@ checkpoint: {{every_steps: 4, keep_last: 5}}
     let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     Trained { val: dir.join("val"), dir, _temp: temp }
-}
-
-fn eval_json(args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["eval"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let outcome = effnet(&all);
-    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    serde_json::from_str(&outcome.stdout).unwrap()
 }
 
 #[test]

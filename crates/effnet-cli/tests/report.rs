@@ -89,19 +89,15 @@ fn train_interrupted(yaml: &Path, job_dir: &Path) {
     assert!(resumed.stdout.contains("report           "), "the run ends with its report: {}", resumed.stdout);
 }
 
-fn eval_json(checkpoint: &str, data: &Path, ema: bool) -> Value {
+fn eval_final(checkpoint: &str, data: &Path, ema: bool) -> Value {
     let data = data.to_str().unwrap();
     // The trainer evaluates in batches of 2 × 8 on one thread: the same here, so even the loss
     // (a float sum) is bitwise the trainer's.
-    let mut args =
-        vec!["eval", "--checkpoint", checkpoint, "--data", data, "--batch-size", "16", "--threads", "1"];
+    let mut args = vec!["--checkpoint", checkpoint, "--data", data, "--batch-size", "16", "--threads", "1"];
     if ema {
         args.push("--ema");
     }
-    args.push("--json");
-    let outcome = effnet(&args);
-    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
-    serde_json::from_str(&outcome.stdout).unwrap()
+    common::eval_json(&args)
 }
 
 #[test]
@@ -152,8 +148,8 @@ fn report_of_real_runs_agrees_with_the_evaluator_and_renders_in_chromium() {
     let measured = report["measured"].as_array().unwrap();
     assert_eq!(measured.len(), 3, "main raw + EMA, other raw: {measured:?}");
     let final_checkpoint = main_dir.join("checkpoints/step-00000012").display().to_string();
-    let raw = eval_json(&final_checkpoint, &data.dir.join("val"), false);
-    let ema = eval_json(&final_checkpoint, &data.dir.join("val"), true);
+    let raw = eval_final(&final_checkpoint, &data.dir.join("val"), false);
+    let ema = eval_final(&final_checkpoint, &data.dir.join("val"), true);
     let job = &report["jobs"][0];
     for (evaluated, stored, row) in [
         (&raw, &job["final_evaluation"]["raw"], &measured[0]),

@@ -32,6 +32,16 @@ pub fn effnet_with_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
     }
 }
 
+/// `effnet eval ARGS --json`, which must succeed, as JSON.
+pub fn eval_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let outcome = effnet(&all);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    serde_json::from_str(&outcome.stdout).unwrap()
+}
+
 /// Assert exit status 2 and exactly one non-empty line on stderr containing every `needle`.
 pub fn assert_bad_input(outcome: &Outcome, needles: &[&str]) {
     assert_eq!(outcome.code, 2, "expected exit 2, stderr: {}", outcome.stderr);
