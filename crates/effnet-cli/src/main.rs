@@ -81,7 +81,10 @@ fn main() -> ExitCode {
         Err(error) => {
             // `{:#}` joins the context chain on one line.
             let message = format!("{error:#}").replace('\n', " ");
-            eprintln!("error: {message}");
+            // One write: the workers of a group share a terminal or mpirun's stderr, and a line
+            // written in pieces can interleave with another worker's.
+            use std::io::Write as _;
+            let _ = std::io::stderr().write_all(format!("error: {message}\n").as_bytes());
             ExitCode::from(exit_code(&error))
         }
     }

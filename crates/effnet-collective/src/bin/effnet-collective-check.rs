@@ -71,10 +71,17 @@ fn parse() -> Args {
     args
 }
 
+/// One line on stderr in a single write: the ranks share mpirun's stderr, and a line written in
+/// pieces can interleave with another rank's.
+fn report_line(line: String) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("effnet-collective-check: {line}\n").as_bytes());
+}
+
 fn fail(rank: Option<usize>, error: impl std::fmt::Display) -> ! {
     match rank {
-        Some(rank) => eprintln!("effnet-collective-check: rank {rank}: {error}"),
-        None => eprintln!("effnet-collective-check: {error}"),
+        Some(rank) => report_line(format!("rank {rank}: {error}")),
+        None => report_line(error.to_string()),
     }
     std::process::exit(3);
 }
@@ -105,10 +112,10 @@ fn main() {
         match collective.all_reduce((&mut buffer[..]).into(), ReduceOp::Sum) {
             Ok(()) => fail(Some(rank), "the all-reduce completed although a rank was killed"),
             Err(error) => {
-                eprintln!(
-                    "effnet-collective-check: rank {rank}: {error} (noticed after {:.1} s)",
+                report_line(format!(
+                    "rank {rank}: {error} (noticed after {:.1} s)",
                     started.elapsed().as_secs_f64()
-                );
+                ));
                 collective.abort(3);
                 std::process::exit(3);
             }
