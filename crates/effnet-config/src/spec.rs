@@ -7,6 +7,10 @@
 
 use std::path::PathBuf;
 
+use effnet_scaling::{CompoundCoefficients, Scaling, compound_scaling};
+// The variant, BatchNorm style and classifier init are the model's own types, shared through
+// effnet-scaling (re-exported from this crate under the same names), so nothing translates them.
+pub use effnet_scaling::{BatchNormStyle, ClassifierInit, Variant};
 use serde::{Deserialize, Serialize};
 
 use crate::integers;
@@ -94,79 +98,13 @@ impl Span {
     }
 }
 
-/// The published EfficientNet variants.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Variant {
-    B0,
-    B1,
-    B2,
-    B3,
-    B4,
-    B5,
-    B6,
-    B7,
-}
-
-impl Variant {
-    pub const ALL: [Variant; 8] = [
-        Variant::B0,
-        Variant::B1,
-        Variant::B2,
-        Variant::B3,
-        Variant::B4,
-        Variant::B5,
-        Variant::B6,
-        Variant::B7,
-    ];
-
-    /// Training and evaluation resolution of the released models (Tan & Le 2019; torchvision and
-    /// timm use the same table).
-    pub fn resolution(self) -> u32 {
-        match self {
-            Variant::B0 => 224,
-            Variant::B1 => 240,
-            Variant::B2 => 260,
-            Variant::B3 => 300,
-            Variant::B4 => 380,
-            Variant::B5 => 456,
-            Variant::B6 => 528,
-            Variant::B7 => 600,
-        }
-    }
-
-    /// Dropout before the classifier; larger models regularise harder.
-    pub fn dropout(self) -> f64 {
-        match self {
-            Variant::B0 | Variant::B1 => 0.2,
-            Variant::B2 | Variant::B3 => 0.3,
-            Variant::B4 | Variant::B5 => 0.4,
-            Variant::B6 | Variant::B7 => 0.5,
-        }
-    }
-
-    /// The name as written in YAML: `b0` … `b7`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::B0 => "b0",
-            Variant::B1 => "b1",
-            Variant::B2 => "b2",
-            Variant::B3 => "b3",
-            Variant::B4 => "b4",
-            Variant::B5 => "b5",
-            Variant::B6 => "b6",
-            Variant::B7 => "b7",
-        }
-    }
-}
-
 /// Which network to build. Exactly one of `variant` and `phi` is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// A published variant, b0 … b7.
     pub variant: Option<Variant>,
-    /// A custom compound coefficient: depth α^φ, width β^φ, resolution γ^φ.
+    /// A custom compound coefficient: depth α^φ, width β^φ, resolution 224·γ^φ.
     pub phi: Option<f64>,
     pub alpha: f64,
     pub beta: f64,
@@ -180,20 +118,26 @@ pub struct ModelConfig {
     #[serde(deserialize_with = "integers::positive_u32_opt")]
     pub resolution: Option<u32>,
     pub dropout: Option<f64>,
+    /// BatchNorm epsilon and momentum: torchvision's per-variant choice (B0–B4 eps 1e-5, B5–B7
+    /// eps 1e-3 momentum 0.01), the TF reference (eps 1e-3, momentum 0.01 in PyTorch terms), or
+    /// PyTorch's defaults (eps 1e-5, momentum 0.1; `timm` is accepted for `pytorch`).
     pub batch_norm: BatchNormStyle,
-    /// How the classifier's weights start: the paper's uniform ±1/sqrt(classes), or zero.
+    /// How the classifier's weights start: `uniform` (±1/sqrt(classes), the paper's and
+    /// torchvision's, sized for 1000 classes) or `zero` (every class starts at equal odds;
+    /// better for few classes).
     pub classifier_init: ClassifierInit,
     pub drop_path: DropPathConfig,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
+        let paper = CompoundCoefficients::default();
         ModelConfig {
             variant: None,
             phi: None,
-            alpha: 1.2,
-            beta: 1.1,
-            gamma: 1.15,
+            alpha: paper.alpha,
+            beta: paper.beta,
+            gamma: paper.gamma,
             classes: None,
             input_channels: 3,
             resolution: None,
@@ -206,46 +150,40 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    /// Input resolution: as given, else the variant's, else `round(224·γ^φ)`.
-    pub fn resolution(&self) -> u32 {
-        if let Some(resolution) = self.resolution {
-            return resolution;
-        }
+    /// The compound-scaling bases α, β, γ.
+    pub fn coefficients(&self) -> CompoundCoefficients {
+        CompoundCoefficients { alpha: self.alpha, beta: self.beta, gamma: self.gamma }
+    }
+
+    /// The network's row of the scaling table (effnet-scaling, the one the model is built
+    /// from): the variant's published row, or `compound_scaling(phi, α, β, γ)` for a custom
+    /// `phi`. Fails only for a `phi` or coefficient that validation rejects.
+    pub fn scaling(&self) -> Result<Scaling, effnet_scaling::Error> {
         match (self.variant, self.phi) {
-            (Some(variant), _) => variant.resolution(),
-            (None, Some(phi)) => (224.0 * self.gamma.powf(phi)).round() as u32,
-            (None, None) => Variant::B0.resolution(),
+            (Some(variant), _) => Ok(variant.scaling()),
+            (None, Some(phi)) => compound_scaling(phi, self.coefficients()),
+            (None, None) => Ok(Variant::B0.scaling()),
         }
     }
 
-    /// Classifier dropout: as given, else the variant's, else B0's 0.2 for a custom `phi`.
+    /// The scaling row of a spec that passed validation. Every `JobSpec` constructor validates,
+    /// which rejects the only inputs `scaling()` fails on, so B0's row is a fallback that a
+    /// spec built by hand and never validated can reach, not a default.
+    fn table_row(&self) -> Scaling {
+        self.scaling().unwrap_or_else(|_| Variant::B0.scaling())
+    }
+
+    /// Input resolution: as given, else the table's (the variant's, or `224·γ^φ` rounded to a
+    /// multiple of 8 for a custom `phi`).
+    pub fn resolution(&self) -> u32 {
+        self.resolution.unwrap_or_else(|| self.table_row().resolution)
+    }
+
+    /// Classifier dropout: as given, else the table's (the variant's, or `0.2 + 0.05·φ` capped
+    /// at 0.5 for a custom `phi`).
     pub fn dropout(&self) -> f64 {
-        match (self.dropout, self.variant) {
-            (Some(dropout), _) => dropout,
-            (None, Some(variant)) => variant.dropout(),
-            (None, None) => Variant::B0.dropout(),
-        }
+        self.dropout.unwrap_or_else(|| self.table_row().dropout)
     }
-}
-
-/// The classifier's initial weights: `uniform` (±1/sqrt(classes), the paper's and torchvision's,
-/// sized for 1000 classes) or `zero` (every class starts at equal odds; better for few classes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClassifierInit {
-    Uniform,
-    Zero,
-}
-
-/// BatchNorm epsilon and momentum: torchvision's per-variant choice (B0–B4 eps 1e-5, B5–B7 eps
-/// 1e-3 momentum 0.01), the TF reference (eps 1e-3, momentum 0.01 in PyTorch terms), or
-/// PyTorch's defaults (eps 1e-5, momentum 0.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BatchNormStyle {
-    Torchvision,
-    Tf,
-    Pytorch,
 }
 
 /// Stochastic depth. The rate is the maximum, reached by the last block; block `i` of `n` uses
@@ -726,17 +664,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn variants_follow_the_published_table() {
+    fn variants_resolve_to_the_shared_table() {
         let names: Vec<_> = Variant::ALL.iter().map(|variant| variant.name()).collect();
         assert_eq!(names, ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"]);
-        let resolutions: Vec<_> = Variant::ALL.iter().map(|variant| variant.resolution()).collect();
-        assert_eq!(resolutions, [224, 240, 260, 300, 380, 456, 528, 600]);
-        let dropouts: Vec<_> = Variant::ALL.iter().map(|variant| variant.dropout()).collect();
-        assert_eq!(dropouts, [0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5]);
         for variant in Variant::ALL {
+            let model = ModelConfig { variant: Some(variant), ..ModelConfig::default() };
+            let row = variant.scaling();
+            assert_eq!((model.resolution(), model.dropout()), (row.resolution, row.dropout), "{variant}");
             // The YAML name and the serde name are the same string.
             assert_eq!(serde_json::to_string(&variant).unwrap(), format!("\"{}\"", variant.name()));
         }
+        let b3 = ModelConfig { variant: Some(Variant::B3), ..ModelConfig::default() };
+        assert_eq!((b3.resolution(), b3.dropout()), (300, 0.3));
+    }
+
+    #[test]
+    fn custom_phi_resolves_through_compound_scaling() {
+        for phi in [-1.0, 0.0, 0.5, 1.0, 2.5, 7.0] {
+            let model = ModelConfig { phi: Some(phi), ..ModelConfig::default() };
+            let row = compound_scaling(phi, CompoundCoefficients::default()).unwrap();
+            assert_eq!((model.resolution(), model.dropout()), (row.resolution, row.dropout), "phi {phi}");
+        }
+        let given = ModelConfig {
+            phi: Some(1.0),
+            resolution: Some(64),
+            dropout: Some(0.1),
+            ..ModelConfig::default()
+        };
+        assert_eq!((given.resolution(), given.dropout()), (64, 0.1));
     }
 
     #[test]
@@ -745,6 +700,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&NormalizationKind::FashionMnist).unwrap(), "\"fashion_mnist\"");
         assert_eq!(serde_json::to_string(&Precision::Bf16).unwrap(), "\"bf16\"");
         assert_eq!(serde_json::to_string(&BatchNormStyle::Tf).unwrap(), "\"tf\"");
+        assert_eq!(serde_json::to_string(&ClassifierInit::Zero).unwrap(), "\"zero\"");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! settings that need another one. Each failure names the field path and is located at the
 //! offending value through the [`SourceMap`], or at its section when the value was defaulted.
 
+use effnet_scaling::{MAX_PHI, MIN_COEFFICIENT, MIN_PHI};
+
 use crate::error::ConfigError;
 use crate::locate::SourceMap;
 use crate::spec::{
@@ -133,11 +135,17 @@ impl Checker<'_> {
             }
             _ => {}
         }
-        self.optional_number("model.phi", model.phi, Inclusive(0.0), Open)?;
-        // The paper constrains the compound-scaling bases to α, β, γ >= 1.
-        self.number("model.alpha", model.alpha, Inclusive(1.0), Open)?;
-        self.number("model.beta", model.beta, Inclusive(1.0), Open)?;
-        self.number("model.gamma", model.gamma, Inclusive(1.0), Open)?;
+        // The ranges are effnet-scaling's, the ones the model is built with: phi in [-4, 16]
+        // (negative phi shrinks B0), and the paper's α, β, γ >= 1.
+        self.optional_number("model.phi", model.phi, Inclusive(MIN_PHI), Inclusive(MAX_PHI))?;
+        self.number("model.alpha", model.alpha, Inclusive(MIN_COEFFICIENT), Open)?;
+        self.number("model.beta", model.beta, Inclusive(MIN_COEFFICIENT), Open)?;
+        self.number("model.gamma", model.gamma, Inclusive(MIN_COEFFICIENT), Open)?;
+        if let Err(error) = model.scaling() {
+            // Unreachable while the checks above mirror effnet-scaling's; kept so that a rule
+            // added there is still reported against the job file.
+            return Err(self.fail("model", error.to_string()));
+        }
         if !matches!(model.input_channels, 1 | 3) {
             return Err(self.fail(
                 "model.input_channels",

@@ -219,13 +219,57 @@ fn model_resolution_and_dropout_resolve_from_variant_phi_or_given() {
     assert_eq!((b5.model.resolution(), b5.model.dropout()), (456, 0.4));
     let b7 = parse("name: a\nmodel: {variant: b7, resolution: 512, dropout: 0.1}\ndata: {train: t}\n");
     assert_eq!((b7.model.resolution(), b7.model.dropout()), (512, 0.1));
-    // round(224 · 1.15) = round(257.6) = 258.
+    // The model's rule (effnet-scaling): 224 · 1.15 = 257.6 to the nearest multiple of 8 is
+    // 256, and dropout 0.2 + 0.05 · 1. (This crate used to say 258 and 0.2 while the model was
+    // built with 256 and 0.25.)
     let phi = parse("name: a\nmodel: {phi: 1}\ndata: {train: t}\n");
     assert_eq!((phi.model.variant, phi.model.phi), (None, Some(1.0)));
-    assert_eq!((phi.model.resolution(), phi.model.dropout()), (258, 0.2));
+    assert_eq!((phi.model.resolution(), phi.model.dropout()), (256, 0.25));
+    // 224 · 1.2^2.5 = 353.3 -> 352; 0.2 + 0.05 · 2.5 = 0.325.
     let phi = parse("name: a\nmodel: {phi: 2.5, gamma: 1.2}\ndata: {train: t}\n");
-    assert_eq!(phi.model.resolution(), (224.0 * 1.2f64.powf(2.5)).round() as u32);
-    assert_eq!(phi.model.resolution(), 353);
+    assert_eq!(phi.model.resolution(), 352);
+    assert!((phi.model.dropout() - 0.325).abs() < 1e-12);
+    // A negative phi shrinks B0: 224 / 1.15 = 194.8 -> 192, dropout 0.15.
+    let phi = parse("name: a\nmodel: {phi: -1}\ndata: {train: t}\n");
+    assert_eq!(phi.model.resolution(), 192);
+    assert!((phi.model.dropout() - 0.15).abs() < 1e-12);
+    let scaling = phi.model.scaling().unwrap();
+    assert!((scaling.width - 1.0 / 1.1).abs() < 1e-12 && (scaling.depth - 1.0 / 1.2).abs() < 1e-12);
+}
+
+#[test]
+fn custom_scaling_outside_the_models_range_is_rejected_at_the_value() {
+    let message = located("name: a\nmodel:\n  phi: 16.5\ndata:\n  train: t\n", 3, 8, "model.phi");
+    assert_eq!(message, "invalid value 16.5, expected a number in [-4, 16]");
+    located("name: a\nmodel:\n  phi: -4.5\ndata:\n  train: t\n", 3, 8, "model.phi");
+    located("name: a\nmodel:\n  phi: .nan\ndata:\n  train: t\n", 3, 8, "model.phi");
+    let message =
+        located("name: a\nmodel:\n  phi: 1\n  gamma: 0.9\ndata:\n  train: t\n", 4, 10, "model.gamma");
+    assert_eq!(message, "invalid value 0.9, expected a number >= 1");
+    located("name: a\nmodel:\n  phi: 1\n  alpha: 0\ndata:\n  train: t\n", 4, 10, "model.alpha");
+    located("name: a\nmodel:\n  phi: 1\n  beta: .inf\ndata:\n  train: t\n", 4, 9, "model.beta");
+}
+
+#[test]
+fn shared_enums_keep_their_yaml_spellings() {
+    let spec =
+        parse("name: a\nmodel: {variant: b0, batch_norm: timm, classifier_init: zero}\ndata: {train: t}\n");
+    assert_eq!(spec.model.batch_norm, BatchNormStyle::Pytorch);
+    assert_eq!(spec.model.classifier_init, effnet_config::ClassifierInit::Zero);
+    let spec = parse("name: a\nmodel: {variant: b6, batch_norm: tf}\ndata: {train: t}\n");
+    assert_eq!((spec.model.variant, spec.model.batch_norm), (Some(Variant::B6), BatchNormStyle::Tf));
+    let message = located("name: a\nmodel:\n  variant: b9\ndata:\n  train: t\n", 3, 12, "model.variant");
+    assert_eq!(message, "unknown value b9, expected one of b0, b1, b2, b3, b4, b5, b6, b7");
+    let message = located(
+        "name: a\nmodel:\n  variant: b0\n  batch_norm: keras\ndata:\n  train: t\n",
+        4,
+        15,
+        "model.batch_norm",
+    );
+    assert!(
+        message.starts_with("unknown value keras, expected one of torchvision, tf, pytorch"),
+        "{message}"
+    );
 }
 
 #[test]
