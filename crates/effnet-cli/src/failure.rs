@@ -37,6 +37,10 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
         if let Some(model_error) = cause.downcast_ref::<effnet_model::Error>() {
             return if model_error.is_bad_input() { 2 } else { 1 };
         }
+        // An unknown variant or BatchNorm style, or a phi or coefficient out of range.
+        if cause.downcast_ref::<effnet_scaling::Error>().is_some() {
+            return 2;
+        }
         if let Some(data_error) = cause.downcast_ref::<effnet_data::Error>() {
             return if data_error.is_bad_input() { 2 } else { 1 };
         }

@@ -7,6 +7,8 @@
 
 use serde::Serialize;
 
+pub use effnet_scaling::{BatchNormParams, BatchNormStyle, ClassifierInit};
+
 use crate::error::{Error, Result};
 use crate::scaling::{CompoundCoefficients, Scaling, Variant, compound_scaling, round_channels, scale_depth};
 
@@ -61,7 +63,15 @@ impl ModelSpec {
     pub fn scaling(&self) -> Result<Scaling> {
         match *self {
             ModelSpec::Named { variant } => Ok(variant.scaling()),
-            ModelSpec::Custom { phi, coefficients } => compound_scaling(phi, coefficients),
+            ModelSpec::Custom { phi, coefficients } => Ok(compound_scaling(phi, coefficients)?),
+        }
+    }
+
+    /// The named variant, `None` for a custom phi.
+    pub fn variant(&self) -> Option<Variant> {
+        match *self {
+            ModelSpec::Named { variant } => Some(variant),
+            ModelSpec::Custom { .. } => None,
         }
     }
 
@@ -72,57 +82,6 @@ impl ModelSpec {
                 format!("EfficientNet-{}", variant.name().to_uppercase())
             }
             ModelSpec::Custom { phi, .. } => format!("EfficientNet-phi{phi}"),
-        }
-    }
-}
-
-/// BatchNorm hyper-parameters (PyTorch convention: `momentum` weighs the new batch).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct BatchNormParams {
-    pub eps: f64,
-    pub momentum: f64,
-}
-
-/// Where the BatchNorm settings come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BatchNormStyle {
-    /// torchvision's per-variant values (B0–B4: eps 1e-5, momentum 0.1; B5–B7: 1e-3, 0.01), so
-    /// weights exported from torchvision behave identically. Custom variants use the TF values.
-    #[default]
-    Torchvision,
-    /// The TF training recipe everywhere: eps 1e-3, decay 0.99 (PyTorch momentum 0.01).
-    Tf,
-    /// PyTorch's defaults everywhere (eps 1e-5, momentum 0.1), as timm's `efficientnet_bN`
-    /// has them; use it to load timm weights of B5–B7.
-    Pytorch,
-}
-
-impl std::str::FromStr for BatchNormStyle {
-    type Err = Error;
-    fn from_str(text: &str) -> Result<Self> {
-        match text {
-            "torchvision" => Ok(BatchNormStyle::Torchvision),
-            "tf" => Ok(BatchNormStyle::Tf),
-            "pytorch" | "timm" => Ok(BatchNormStyle::Pytorch),
-            other => Err(Error::InvalidConfig {
-                field: "batch_norm",
-                reason: format!("must be one of torchvision, tf, pytorch (timm), got '{other}'"),
-            }),
-        }
-    }
-}
-
-impl BatchNormStyle {
-    pub fn params(self, spec: &ModelSpec) -> BatchNormParams {
-        const TF: BatchNormParams = BatchNormParams { eps: 1e-3, momentum: 0.01 };
-        const TORCH_DEFAULT: BatchNormParams = BatchNormParams { eps: 1e-5, momentum: 0.1 };
-        match (self, spec) {
-            (BatchNormStyle::Tf, _) => TF,
-            (BatchNormStyle::Pytorch, _) => TORCH_DEFAULT,
-            (BatchNormStyle::Torchvision, ModelSpec::Named { variant }) if variant.index() >= 5 => TF,
-            (BatchNormStyle::Torchvision, ModelSpec::Named { .. }) => TORCH_DEFAULT,
-            (BatchNormStyle::Torchvision, ModelSpec::Custom { .. }) => TF,
         }
     }
 }
@@ -143,16 +102,6 @@ pub struct EfficientNetConfig {
     pub classifier_init: ClassifierInit,
 }
 
-/// How the classifier's weights start. The paper's (and torchvision's) uniform
-/// `±1/sqrt(classes)` is sized for 1000 classes: with 10 the initial logits are ten times larger
-/// and the first steps are spent shrinking them, so small-class jobs may start from zero.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub enum ClassifierInit {
-    #[default]
-    Uniform,
-    Zero,
-}
-
 impl EfficientNetConfig {
     /// The configuration of a named variant with ImageNet's 1000 classes and RGB input.
     pub fn named(variant: Variant) -> Self {
@@ -169,6 +118,25 @@ impl EfficientNetConfig {
 
     pub fn custom(phi: f64, coefficients: CompoundCoefficients) -> Self {
         EfficientNetConfig { spec: ModelSpec::Custom { phi, coefficients }, ..Self::named(Variant::B0) }
+    }
+
+    /// The network a job's `model` section describes, with `classes` outputs (the section's
+    /// `classes`, or the dataset's count when that is unset): the variant or custom phi with
+    /// its coefficients, input channels, dropout (the section's, else the table's), drop-path
+    /// rate, BatchNorm style and classifier init. The job spec and the model read the same
+    /// scaling table, so `model.resolution()`/`model.dropout()` match the built network.
+    pub fn from_spec(model: &effnet_config::ModelConfig, classes: u32) -> EfficientNetConfig {
+        let base = match (model.variant, model.phi) {
+            (Some(variant), _) => EfficientNetConfig::named(variant),
+            // A validated spec has exactly one of variant and phi; B0's phi for one without either.
+            (None, phi) => EfficientNetConfig::custom(phi.unwrap_or(0.0), model.coefficients()),
+        };
+        base.with_classes(classes)
+            .with_input_channels(model.input_channels)
+            .with_dropout(model.dropout())
+            .with_drop_path_rate(model.drop_path.rate)
+            .with_batch_norm(model.batch_norm)
+            .with_classifier_init(model.classifier_init)
     }
 
     pub fn with_classes(mut self, classes: u32) -> Self {
@@ -256,7 +224,7 @@ impl EfficientNetConfig {
             in_channels = out_channels;
         }
         let head_channels = HEAD_EXPANSION * in_channels;
-        let batch_norm = self.batch_norm.params(&self.spec);
+        let batch_norm = self.batch_norm.params(self.spec.variant());
         Ok(Architecture {
             name: self.spec.display_name(),
             scaling,
@@ -415,6 +383,55 @@ mod tests {
             let expected = 0.3 * position as f64 / count;
             assert!((block.drop_path_rate - expected).abs() < 1e-15);
         }
+    }
+
+    fn job_model(model: &str) -> effnet_config::ModelConfig {
+        let text = format!("name: a\nmodel: {model}\ndata: {{train: t}}\n");
+        effnet_config::JobSpec::from_yaml_str(&text, "job.yaml")
+            .unwrap_or_else(|error| panic!("{error}"))
+            .model
+    }
+
+    #[test]
+    fn from_spec_builds_what_the_job_spec_describes() {
+        let model = job_model(
+            "{variant: b5, input_channels: 1, dropout: 0.1, batch_norm: timm, classifier_init: zero, \
+             drop_path: {rate: 0.3}}",
+        );
+        let config = EfficientNetConfig::from_spec(&model, 10);
+        let expected = EfficientNetConfig::named(Variant::B5)
+            .with_classes(10)
+            .with_input_channels(1)
+            .with_dropout(0.1)
+            .with_drop_path_rate(0.3)
+            .with_batch_norm(BatchNormStyle::Pytorch)
+            .with_classifier_init(ClassifierInit::Zero);
+        assert_eq!(config, expected);
+
+        let model = job_model("{phi: 1.5, alpha: 1.3, beta: 1.05, gamma: 1.1}");
+        let config = EfficientNetConfig::from_spec(&model, 1000);
+        let coefficients = CompoundCoefficients { alpha: 1.3, beta: 1.05, gamma: 1.1 };
+        assert_eq!(config.spec, ModelSpec::Custom { phi: 1.5, coefficients });
+        assert_eq!(config.batch_norm, BatchNormStyle::Torchvision);
+        assert_eq!(config.classifier_init, ClassifierInit::Uniform);
+    }
+
+    #[test]
+    fn the_job_spec_and_the_built_network_read_one_table() {
+        let mut models: Vec<String> =
+            Variant::ALL.iter().map(|variant| format!("{{variant: {variant}}}")).collect();
+        models.extend(["-1", "0", "0.5", "1", "2.5", "7"].map(|phi| format!("{{phi: {phi}}}")));
+        models.push("{phi: 2, gamma: 1.2}".into());
+        for text in models {
+            let model = job_model(&text);
+            let arch = EfficientNetConfig::from_spec(&model, 1000).architecture().unwrap();
+            assert_eq!(arch.scaling.resolution, model.resolution(), "{text}");
+            assert_eq!(arch.dropout, model.dropout(), "{text}");
+            assert_eq!(Some(arch.scaling), model.scaling().ok(), "{text}");
+        }
+        // The disagreement this replaced: phi 1 trained at 258 px with dropout 0.2.
+        let arch = EfficientNetConfig::from_spec(&job_model("{phi: 1}"), 1000).architecture().unwrap();
+        assert_eq!((arch.scaling.resolution, arch.dropout), (256, 0.25));
     }
 
     #[test]

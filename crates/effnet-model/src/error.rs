@@ -5,14 +5,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("unknown variant '{name}' (expected b0..b7)")]
-    UnknownVariant { name: String },
-
-    #[error("compound coefficient {name} must be a positive finite number, got {value}")]
-    InvalidCoefficient { name: &'static str, value: f64 },
-
-    #[error("phi must be a finite number in [-4, 16], got {value}")]
-    InvalidPhi { value: f64 },
+    /// An unknown variant name, or a custom phi or coefficient outside the accepted range.
+    #[error(transparent)]
+    Scaling(#[from] effnet_scaling::Error),
 
     #[error("{field} {reason}")]
     InvalidConfig { field: &'static str, reason: String },

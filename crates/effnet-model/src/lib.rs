@@ -2,11 +2,13 @@
 //!
 //! # Layout
 //! - [`scaling`]: compound scaling as pure functions (`round_channels`, `scale_depth`, the
-//!   B0–B7 table, custom phi).
+//!   B0–B7 table, custom phi), re-exported from the libtorch-free `effnet-scaling` crate that
+//!   the job spec and the command line read too.
 //! - [`config`]: B0's stage table and the user's choices, turned into an [`Architecture`] with
 //!   final per-block numbers (channels, kernel, stride, drop-path rate).
 //! - [`blocks`]: `ConvBnAct`, squeeze-excitation, MBConv and stochastic depth.
 //! - [`model`]: the network, its parameter count and multiply-add count.
+//! - [`reference`]: published parameter counts, FLOPs and top-1 of B0–B7 (from `effnet-scaling`).
 //! - [`weights`]: safetensors import (torchvision names, and timm names mapped onto them) and
 //!   export.
 //!
@@ -17,13 +19,15 @@ pub mod blocks;
 pub mod config;
 pub mod error;
 pub mod model;
-pub mod reference;
 pub mod scaling;
 pub mod weights;
 
 pub use blocks::stochastic_depth;
-pub use config::{Architecture, BatchNormStyle, ClassifierInit, EfficientNetConfig, ModelSpec};
+pub use config::{
+    Architecture, BatchNormParams, BatchNormStyle, ClassifierInit, EfficientNetConfig, ModelSpec,
+};
+pub use effnet_scaling::reference;
 pub use error::{Error, Result};
 pub use model::EfficientNet;
-pub use scaling::{CompoundCoefficients, Variant};
+pub use scaling::{CompoundCoefficients, Scaling, Variant};
 pub use weights::{KeyLayout, LoadReport, load_safetensors, save_safetensors};

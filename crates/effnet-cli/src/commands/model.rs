@@ -28,13 +28,18 @@ pub struct ModelArgs {
     /// Named variant b0..b7 (ignored when --phi is given).
     #[arg(long, default_value = "b0")]
     pub variant: String,
-    /// Custom compound coefficient: depth alpha^phi, width beta^phi, resolution 224·gamma^phi.
+    /// Custom compound coefficient in [-4, 16]: depth alpha^phi, width beta^phi, resolution
+    /// 224·gamma^phi rounded to a multiple of 8, dropout 0.2 + 0.05·phi (at most 0.5), the
+    /// rule a job's `model.phi` follows too.
     #[arg(long, allow_negative_numbers = true)]
     pub phi: Option<f64>,
+    /// Depth base (at least 1).
     #[arg(long, default_value_t = 1.2, allow_negative_numbers = true)]
     pub alpha: f64,
+    /// Width base (at least 1).
     #[arg(long, default_value_t = 1.1, allow_negative_numbers = true)]
     pub beta: f64,
+    /// Resolution base (at least 1).
     #[arg(long, default_value_t = 1.15, allow_negative_numbers = true)]
     pub gamma: f64,
     /// Output classes.
@@ -43,7 +48,7 @@ pub struct ModelArgs {
     /// Input image channels (1 for grey data).
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub input_channels: i64,
-    /// Dropout before the classifier (default: the variant's).
+    /// Dropout before the classifier (default: the variant's, or 0.2 + 0.05·phi).
     #[arg(long, allow_negative_numbers = true)]
     pub dropout: Option<f64>,
     /// Maximum stochastic-depth rate.
