@@ -99,7 +99,11 @@ fn two_ranks_of_batch_b_match_one_rank_of_batch_2b() {
     let two = effnet(&["run", pair.to_str().unwrap(), "--progress", "never"]);
     assert_eq!(two.code, 0, "{}", two.stderr);
     assert!(two.stdout.contains("workers          2 (all-reduce"), "{}", two.stdout);
-    assert!(two.stdout.contains("steps            4 (6 per epoch, global batch 16)"), "{}", two.stdout);
+    assert!(
+        two.stdout.contains("steps            4 (6 per epoch, global batch 16; 4 steps)"),
+        "{}",
+        two.stdout
+    );
     // Movement is measured between the saved steps 2 and 4 of the single process.
     let earlier = parameters_at(single_dir.path(), 2);
 

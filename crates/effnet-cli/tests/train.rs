@@ -34,19 +34,7 @@ impl Job {
 
     /// The keys of every step, taking each step from the latest attempt that logged it.
     fn sample_keys(&self) -> BTreeMap<u64, Vec<String>> {
-        let text = std::fs::read_to_string(self.dir.join("job/samples.jsonl")).unwrap();
-        let mut by_step: BTreeMap<u64, (u64, Vec<String>)> = BTreeMap::new();
-        for line in text.lines() {
-            let value: serde_json::Value = serde_json::from_str(line).unwrap();
-            let step = value["step"].as_u64().unwrap();
-            let attempt = value["attempt"].as_u64().unwrap();
-            let keys =
-                value["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-            if by_step.get(&step).is_none_or(|(seen, _)| *seen <= attempt) {
-                by_step.insert(step, (attempt, keys));
-            }
-        }
-        by_step.into_iter().map(|(step, (_, keys))| (step, keys)).collect()
+        common::sample_keys_by_step(&self.dir.join("job"))
     }
 }
 
@@ -186,7 +174,7 @@ fn check_validates_without_writing() {
     let outcome = effnet(&["run", job.yaml.to_str().unwrap(), "--check"]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     assert!(
-        outcome.stdout.contains("steps            10 (12 per epoch, global batch 8)"),
+        outcome.stdout.contains("steps            10 (12 per epoch, global batch 8; 10 steps)"),
         "{}",
         outcome.stdout
     );

@@ -9,9 +9,11 @@
 use effnet_vision::{BatchBuffer, BatchParts, EvalTransform, SampleRng, TrainTransform};
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
-use crate::plan::RankCursor;
-use crate::reader::{BadSample, RankReader, RawSample};
+use crate::plan::{EpochPlan, RankCursor};
+use crate::reader::{BadSample, Dataset, RankReader, RawSample};
 
 /// Training (random crop, flip, RandAugment) or evaluation (resize + centre crop) preprocessing.
 #[derive(Clone, Debug)]
@@ -46,6 +48,20 @@ pub struct LoaderOptions {
     pub epoch: u64,
 }
 
+/// How one rank's stream of batches is read: [`BatchLoader::open`]'s settings.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamOptions {
+    pub batch_size: usize,
+    /// Decode threads.
+    pub threads: usize,
+    /// Job seed, for per-sample augmentation.
+    pub seed: u64,
+    /// Shuffle buffer capacity in samples (1: the plan's order).
+    pub shuffle_buffer: usize,
+    /// Row-group requests kept in flight.
+    pub prefetch: usize,
+}
+
 pub struct BatchLoader {
     reader: RankReader,
     transform: Transform,
@@ -71,6 +87,29 @@ impl BatchLoader {
             .build()
             .map_err(|e| Error::InvalidInput { what: "decode threads".into(), reason: e.to_string() })?;
         Ok(BatchLoader { reader, transform, options, pool, corrupt: Vec::new() })
+    }
+
+    /// Rank `rank`'s batches of `plan`, from `cursor` (a saved position) or from the start of its
+    /// work: the one assembly of plan → cursor → reader → loader that training, evaluation and
+    /// `effnet data` share.
+    pub async fn open(
+        dataset: Arc<Dataset>,
+        plan: &EpochPlan,
+        rank: usize,
+        cursor: Option<RankCursor>,
+        transform: Transform,
+        options: StreamOptions,
+    ) -> Result<Self> {
+        let reader =
+            RankReader::for_plan(dataset, plan, rank, cursor, options.shuffle_buffer, options.prefetch)
+                .await?;
+        let loader_options = LoaderOptions {
+            batch_size: options.batch_size,
+            threads: options.threads,
+            seed: options.seed,
+            epoch: plan.epoch,
+        };
+        BatchLoader::new(reader, transform, loader_options)
     }
 
     /// The next batch, shorter only at the end of the rank's work; `None` when nothing is left.
@@ -114,7 +153,9 @@ impl BatchLoader {
             for (offset, (result, sample)) in results.into_iter().zip(&raw).enumerate() {
                 let index = filled + offset;
                 match result {
-                    Some(reason) => self.corrupt.push(BadSample { key: sample.key.clone(), reason }),
+                    Some(reason) => {
+                        self.corrupt.push(BadSample { at: sample.at, key: sample.key.clone(), reason })
+                    }
                     None => {
                         if write != index {
                             let pixels = buffer.slot(index).to_vec();

@@ -25,7 +25,9 @@ use arrow_array::{Array, BinaryArray, Int32Array, StringArray};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_NAME, Manifest};
-use crate::plan::{RankCursor, RankWork, RowGroupRef, SampleRef, ShuffleBuffer, WorkUnit};
+use crate::plan::{
+    EpochPlan, RankCursor, RankWork, RowGroupRef, SampleRef, ShuffleBuffer, WorkUnit, initial_cursors,
+};
 use crate::writer::dataset_schema;
 
 /// One stored sample, still encoded.
@@ -43,6 +45,7 @@ pub type UnitSamples = (Vec<RawSample>, Vec<BadSample>);
 /// A sample that cannot be used (label outside the classes...): skipped and counted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadSample {
+    pub at: SampleRef,
     pub key: String,
     pub reason: String,
 }
@@ -170,6 +173,7 @@ impl Dataset {
                 let label = labels.value(i);
                 if labels.is_null(i) || !(0..classes).contains(&label) {
                     bad.push(BadSample {
+                        at: SampleRef { row_group: unit.row_group, row },
                         key,
                         reason: format!("label {label} outside the {classes} classes"),
                     });
@@ -207,11 +211,14 @@ impl Dataset {
         }
         let mut found: HashMap<SampleRef, RawSample> = HashMap::new();
         let mut bad = Vec::new();
+        let wanted: std::collections::HashSet<SampleRef> = refs.iter().copied().collect();
         for (group, rows) in by_group {
             let (start, end) =
                 (rows.iter().min().copied().unwrap_or(0), rows.iter().max().copied().unwrap_or(0) + 1);
             let (samples, unit_bad) = self.read_unit(WorkUnit { row_group: group, start, end }).await?;
-            bad.extend(unit_bad);
+            // The range covers rows that were not asked for (consumed before the cursor was
+            // saved): their bad samples were reported then, not again now.
+            bad.extend(unit_bad.into_iter().filter(|b| wanted.contains(&b.at)));
             for sample in samples {
                 found.insert(sample.at, sample);
             }
@@ -310,6 +317,25 @@ impl RankReader {
             emitted: cursor.emitted,
             bad,
         })
+    }
+
+    /// Rank `rank`'s share of `plan`, from `cursor` (a saved position) or from the start.
+    pub async fn for_plan(
+        dataset: Arc<Dataset>,
+        plan: &EpochPlan,
+        rank: usize,
+        cursor: Option<RankCursor>,
+        capacity: usize,
+        prefetch: usize,
+    ) -> Result<Self> {
+        let work = plan.ranks.get(rank).cloned().ok_or_else(|| Error::InvalidPlan {
+            reason: format!("rank {rank} in a plan of {} ranks", plan.world_size()),
+        })?;
+        let cursor = match cursor {
+            Some(cursor) => cursor,
+            None => initial_cursors(plan).swap_remove(rank),
+        };
+        RankReader::new(dataset, work, cursor, capacity, prefetch).await
     }
 
     fn top_up_fetches(&mut self) {

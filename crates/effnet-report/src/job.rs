@@ -12,8 +12,7 @@ use crate::evaluation::{EVALUATION_FILE, FinalEvaluation};
 use crate::paper;
 use crate::{Error, MeasuredRow, Result};
 
-pub const JOB_FILE: &str = "job.json";
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use effnet_jobdir::{JOB_FILE, METRICS_FILE};
 
 /// At most this many points per plotted series (longer ones are averaged in buckets).
 pub const MAX_POINTS: usize = 500;

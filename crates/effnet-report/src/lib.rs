@@ -8,12 +8,15 @@
 //! trainer's logs and its final evaluation, which is the evaluator's own output for the final
 //! checkpoint (the format of `effnet eval --json`).
 
-pub mod evaluation;
 pub mod format;
 pub mod job;
 pub mod paper;
 pub mod render;
 pub mod svg;
+
+/// The job directory's evaluation records, defined in effnet-jobdir (the trainer writes them).
+pub use effnet_jobdir::evaluation;
+pub(crate) use effnet_jobdir::write_atomically;
 
 use std::path::{Path, PathBuf};
 
@@ -144,12 +147,4 @@ pub fn write(report: &Report, out: &Path) -> Result<Vec<PathBuf>> {
         written.push(path);
     }
     Ok(written)
-}
-
-/// Write beside, then rename: a reader never sees half a file.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let partial = path.with_file_name(format!(".{name}.partial"));
-    std::fs::write(&partial, bytes)?;
-    std::fs::rename(&partial, path)
 }

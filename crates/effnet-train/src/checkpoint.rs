@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
-pub const STATE_FILE: &str = "state.json";
+pub use crate::state::STATE_FILE;
 pub const COMMIT_FORMAT: u32 = 1;
 
 /// The directory name of the checkpoint taken after `step` optimiser steps.
@@ -66,7 +66,7 @@ pub struct SaveStats {
     pub seconds: f64,
 }
 
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     effnet_data::manifest::hex(&Sha256::digest(bytes))
 }
 

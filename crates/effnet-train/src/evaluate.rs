@@ -10,20 +10,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use effnet_data::EpochPlan;
-use effnet_data::loader::{BatchLoader, LoaderOptions, Transform};
-use effnet_data::plan::initial_cursors;
-use effnet_data::reader::{Dataset, RankReader};
-use effnet_model::EfficientNet;
+use effnet_data::loader::{BatchLoader, StreamOptions, Transform};
+use effnet_data::reader::Dataset;
+use effnet_model::{EfficientNet, EfficientNetConfig};
 use effnet_vision::EvalTransform;
 use serde::{Deserialize, Serialize};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Reduction, Tensor};
 
-pub use effnet_report::evaluation::{CheckpointReport, ClassResult};
+pub use effnet_jobdir::evaluation::{CheckpointReport, ClassResult, FinalEvaluation};
 
 use crate::amp;
 use crate::error::{Error, Result};
 use crate::sync::DataParallel;
+use crate::tensors::batch_tensors;
 
 /// The summary kept in checkpoints and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,18 +117,22 @@ pub fn evaluate(
     let plan = EpochPlan::new(0, 0, settings.dataset.row_groups(), world)?;
     let limit =
         settings.max_samples.map(|max| max / world as u64 + u64::from((rank as u64) < max % world as u64));
-    let mut loader = runtime.block_on(async {
-        let cursor = initial_cursors(&plan).swap_remove(rank);
-        let reader =
-            RankReader::new(settings.dataset.clone(), plan.ranks[rank].clone(), cursor, 1, 4).await?;
-        let options = LoaderOptions {
-            batch_size: settings.batch_size,
-            threads: settings.threads.max(1),
-            seed: 0,
-            epoch: 0,
-        };
-        BatchLoader::new(reader, Transform::Eval(settings.transform.clone()), options)
-    })?;
+    let options = StreamOptions {
+        batch_size: settings.batch_size,
+        threads: settings.threads.max(1),
+        seed: 0,
+        shuffle_buffer: 1,
+        prefetch: 4,
+    };
+    let transform = Transform::Eval(settings.transform.clone());
+    let mut loader = runtime.block_on(BatchLoader::open(
+        settings.dataset.clone(),
+        &plan,
+        rank,
+        None,
+        transform,
+        options,
+    ))?;
     let (mut samples, mut top1, mut top5, mut loss) = (0u64, 0i64, 0i64, 0f64);
     let mut confusion = Tensor::zeros([(classes * classes) as i64], (Kind::Int64, Device::Cpu));
     while limit.is_none_or(|l| samples < l)
@@ -138,8 +142,9 @@ pub fn evaluate(
         if let Some(limit) = limit {
             n = n.min((limit - samples) as usize);
         }
-        let xs = Tensor::from_slice(&batch.pixels).view(batch.shape).narrow(0, 0, n as i64).to_device(device);
-        let ys = Tensor::from_slice(&batch.labels[..n]).to_device(device);
+        let tensors = batch_tensors(&batch, device)?;
+        let xs = tensors.images.narrow(0, 0, n as i64);
+        let ys = tensors.labels.narrow(0, 0, n as i64);
         let (batch_loss, hits1, hits5, cells) = tch::no_grad(|| -> Result<(f64, i64, i64, Tensor)> {
             let logits = settings.precision.forward(model, &xs, false)?;
             let batch_loss =
@@ -178,6 +183,82 @@ pub fn evaluate(
         },
         confusion,
     })
+}
+
+/// The trainer's evaluations: when they are due, on which data, with which transform.
+pub struct Evaluator {
+    dataset: Option<Arc<Dataset>>,
+    transform: EvalTransform,
+    batch_size: usize,
+    max_samples: Option<u64>,
+    every: Option<crate::schedule::Interval>,
+    /// Evaluate the EMA weights too.
+    pub ema: bool,
+}
+
+impl Evaluator {
+    pub fn from_config(
+        spec: &effnet_config::JobSpec,
+        dataset: Option<Arc<Dataset>>,
+        transform: EvalTransform,
+        every: Option<crate::schedule::Interval>,
+    ) -> Evaluator {
+        Evaluator {
+            dataset,
+            transform,
+            batch_size: spec.eval.batch_size.unwrap_or(spec.data.batch_size * 2) as usize,
+            max_samples: spec.eval.max_samples,
+            every,
+            ema: spec.eval.ema,
+        }
+    }
+
+    /// An evaluation is due after the step that took the job from `consumed_before` to
+    /// `consumed_after` samples (`step` steps done), and always after the last.
+    pub fn due(
+        &self,
+        step: u64,
+        consumed_before: u64,
+        consumed_after: u64,
+        epoch_samples: u64,
+        last: bool,
+    ) -> bool {
+        self.dataset.is_some()
+            && (last
+                || self
+                    .every
+                    .is_some_and(|every| every.crossed(step, consumed_before, consumed_after, epoch_samples)))
+    }
+
+    /// The validation classes' names.
+    pub fn classes(&self) -> &[String] {
+        self.dataset.as_ref().map(|d| d.manifest.classes.as_slice()).unwrap_or_default()
+    }
+
+    /// Evaluate the raw network and, when asked, the average (every rank must call it).
+    pub fn run(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        network: &crate::network::Network,
+        averaged: Option<&crate::network::Network>,
+        mut parallel: Option<&mut DataParallel>,
+    ) -> Result<(Evaluation, Option<Evaluation>)> {
+        let dataset = self.dataset.as_ref().ok_or_else(|| Error::Internal("no validation data".into()))?;
+        let settings = EvalSettings {
+            dataset,
+            transform: &self.transform,
+            batch_size: self.batch_size,
+            max_samples: self.max_samples,
+            precision: network.precision,
+            threads: 1,
+        };
+        let raw = evaluate(runtime, &network.model, &settings, parallel.as_deref_mut())?;
+        let average = match averaged {
+            Some(averaged) if self.ema => Some(evaluate(runtime, &averaged.model, &settings, parallel)?),
+            _ => None,
+        };
+        Ok((raw, average))
+    }
 }
 
 #[cfg(test)]
@@ -292,14 +373,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// other classes) is an error naming it.
 pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<CheckpointReport> {
     use crate::checkpoint::{self, EMA_FILE, MODEL_FILE};
+    use crate::job::{eval_transform, open_dataset, runtime};
+    use crate::state::read_state;
     use crate::tensors::{from_safetensors, load_into};
-    use crate::trainer::{eval_transform, model_config, open_dataset, read_state, runtime};
 
     let url = options.checkpoint.as_str();
     let damaged = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
     let runtime = runtime()?;
     let (_, files) = runtime.block_on(checkpoint::load_url(url))?;
-    let state = read_state(url, &files)?;
+    let state = read_state(url, files.clone())?;
     let spec = state.spec.clone().ok_or_else(|| Error::IncompatibleCheckpoint {
         url: url.to_string(),
         reason:
@@ -322,7 +404,7 @@ pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<Checkpoint
     }
     let device = Device::Cpu;
     let vs = tch::nn::VarStore::new(device);
-    let config = model_config(&spec, classes);
+    let config = EfficientNetConfig::from_spec(&spec.model, classes);
     let model = EfficientNet::new(&vs.root(), &config)?;
     let (file, weights) = if options.ema { (EMA_FILE, "ema") } else { (MODEL_FILE, "raw") };
     let bytes = files.get(file).ok_or_else(|| {

@@ -1,114 +1,281 @@
-//! The training data feed: a task on the I/O runtime reads, decodes and augments batches one
-//! epoch after another and hands them to the training loop through a short channel, each with the
-//! data cursor that holds *after* it. A checkpoint taken after step `n` saves the cursor of the
-//! last batch step `n` consumed, however far the feed has read ahead, so resume is exact.
+//! The training data: a task on the I/O runtime reads, decodes and augments this rank's batches
+//! one epoch after another, and [`Feed`] hands them to the loop a step at a time.
 //!
-//! With several ranks each feed reads its rank's share of the epoch plan; the cursor it attaches
-//! holds the full plan but only this rank's position (`ranks` has one entry), and the trainer
-//! gathers the others' before rank 0 writes a checkpoint.
+//! Exactly once per epoch, at any world size: every rank trains its whole share of the epoch's
+//! plan, nothing is dropped and nothing is read ahead into the next epoch. The last batch of a
+//! rank's share may be short; a lone last sample joins the batch before it (BatchNorm cannot
+//! normalise a single sample at 1×1), so batches hold between 2 and `batch_size + 1` samples, and
+//! a rank whose share is used up (or was all corrupt) takes part in the remaining steps of the
+//! epoch with no samples. The epoch ends after the step in which the last rank finished its
+//! share: ranks agree on that through the step's all-reduce ([`crate::step`]).
+//!
+//! Each item carries this rank's cursor *after* it, so a checkpoint saves the position of the
+//! last batch trained, however far the task has read ahead; the trainer gathers every rank's
+//! cursor before rank 0 writes it. A checkpoint taken at an epoch's end saves no cursor: the next
+//! run starts the next epoch's plan.
 
 use std::sync::Arc;
 
-use effnet_data::loader::{BatchLoader, LoaderOptions, Transform};
-use effnet_data::plan::initial_cursors;
-use effnet_data::reader::{BadSample, Dataset, RankReader};
+use effnet_data::loader::{BatchLoader, StreamOptions, Transform};
+use effnet_data::plan::RankCursor;
+use effnet_data::reader::{BadSample, Dataset};
 use effnet_data::{DataCursor, EpochPlan};
 use effnet_vision::BatchParts;
 use tokio::sync::mpsc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::state::{CheckpointContent, Stateful};
+use crate::sync::DataParallel;
 
-pub enum Feed {
-    Batch {
-        batch: BatchParts,
-        epoch: u64,
-        cursor: DataCursor,
-    },
-    /// Samples skipped in the epoch that just ended (corrupt images, labels out of range).
-    EpochEnd {
-        epoch: u64,
-        skipped: Vec<BadSample>,
-    },
-    Failed(crate::Error),
+/// One batch of this rank's share of an epoch.
+pub struct FeedItem {
+    pub batch: BatchParts,
+    pub epoch: u64,
+    /// The last batch of this rank's share of the epoch (possibly empty).
+    pub last: bool,
+    pub plan: Arc<EpochPlan>,
+    /// This rank's position in `plan` after this batch.
+    pub cursor: RankCursor,
+    /// Samples skipped since the previous item: undecodable images, labels out of range.
+    pub skipped: Vec<BadSample>,
+}
+
+enum Message {
+    Item(FeedItem),
+    Failed(Error),
 }
 
 #[derive(Clone)]
 pub struct FeedSettings {
     pub dataset: Arc<Dataset>,
     pub transform: Transform,
-    pub batch_size: usize,
-    pub threads: usize,
-    pub seed: u64,
-    pub shuffle_buffer: usize,
-    pub prefetch: usize,
+    /// Channels, height, width of one sample (the shape of an empty batch).
+    pub sample_shape: [i64; 3],
+    pub stream: StreamOptions,
     /// This process's rank and the world size: each rank reads its share of every epoch.
     pub rank: usize,
     pub world_size: usize,
 }
 
-/// Start the feed at `start` (a saved cursor) or at the beginning of epoch 0.
-pub fn spawn(
-    runtime: &tokio::runtime::Runtime,
+/// What one rank trains in one step: up to `accumulate` batches of the current epoch.
+pub struct StepInput {
+    pub batches: Vec<BatchParts>,
+    pub skipped: Vec<BadSample>,
+    /// This rank has consumed its whole share of the epoch.
+    pub share_done: bool,
+    pub epoch: u64,
+}
+
+impl StepInput {
+    pub fn samples(&self) -> u64 {
+        self.batches.iter().map(|b| b.len() as u64).sum()
+    }
+}
+
+pub struct Feed {
     settings: FeedSettings,
+    /// A restored mid-epoch position, until the task starts from it.
     start: Option<DataCursor>,
-) -> mpsc::Receiver<Feed> {
-    let (sender, receiver) = mpsc::channel(2);
-    runtime.spawn(async move {
-        if let Err(error) = produce(settings, start, &sender).await {
-            let _ = sender.send(Feed::Failed(error)).await;
+    receiver: Option<mpsc::Receiver<Message>>,
+    /// This rank's share of the current epoch is used up; it waits for the others.
+    share_done: bool,
+    /// The plan and this rank's cursor after the last batch taken (`None` at an epoch's start).
+    position: Option<(Arc<EpochPlan>, RankCursor)>,
+    /// Every rank's cursor, gathered for the next checkpoint.
+    gathered: Option<DataCursor>,
+}
+
+impl Feed {
+    pub fn new(settings: FeedSettings) -> Feed {
+        Feed { settings, start: None, receiver: None, share_done: false, position: None, gathered: None }
+    }
+
+    /// Start reading: from the restored position, or at the start of `epoch`.
+    pub fn start(&mut self, runtime: &tokio::runtime::Runtime, epoch: u64) {
+        let (sender, receiver) = mpsc::channel(2);
+        let settings = self.settings.clone();
+        let start = self.start.take();
+        runtime.spawn(async move {
+            if let Err(error) = produce(settings, start, epoch, &sender).await {
+                let _ = sender.send(Message::Failed(error)).await;
+            }
+        });
+        self.receiver = Some(receiver);
+    }
+
+    /// This rank's batches for the next step: up to `accumulate`, none once its share of the
+    /// epoch is done. Never reads into the next epoch.
+    pub fn next_step(&mut self, accumulate: usize) -> Result<StepInput> {
+        let mut input =
+            StepInput { batches: Vec::new(), skipped: Vec::new(), share_done: self.share_done, epoch: 0 };
+        while !self.share_done && input.batches.len() < accumulate {
+            let receiver = self
+                .receiver
+                .as_mut()
+                .ok_or_else(|| Error::Internal("the data feed was not started".into()))?;
+            let item = match receiver.blocking_recv() {
+                Some(Message::Item(item)) => item,
+                Some(Message::Failed(error)) => return Err(error),
+                None => return Err(Error::Internal("the data feed stopped".into())),
+            };
+            input.epoch = item.epoch;
+            input.skipped.extend(item.skipped);
+            if !item.batch.is_empty() {
+                input.batches.push(item.batch);
+            }
+            self.position = Some((item.plan, item.cursor));
+            self.share_done = item.last;
         }
-    });
-    receiver
+        input.share_done = self.share_done;
+        Ok(input)
+    }
+
+    /// Every rank finished the epoch: the next step starts the next one.
+    pub fn end_epoch(&mut self) {
+        self.share_done = false;
+        self.position = None;
+    }
+
+    /// Collect every rank's cursor for the checkpoint rank 0 writes (every rank must call it).
+    pub fn gather(&mut self, parallel: Option<&mut DataParallel>) -> Result<()> {
+        self.gathered = match (&self.position, parallel) {
+            // At an epoch's start every rank is there (the end is agreed): no cursor, no collective.
+            (None, _) => None,
+            (Some((plan, mine)), None) => {
+                Some(DataCursor { plan: (**plan).clone(), ranks: vec![mine.clone()] })
+            }
+            (Some((plan, mine)), Some(parallel)) => {
+                let bytes = serde_json::to_vec(mine).map_err(|e| Error::Internal(e.to_string()))?;
+                let ranks = parallel
+                    .all_gather_bytes(&bytes)?
+                    .iter()
+                    .map(|part| serde_json::from_slice(part))
+                    .collect::<std::result::Result<Vec<RankCursor>, _>>()
+                    .map_err(|e| Error::Internal(format!("a rank's data cursor: {e}")))?;
+                Some(DataCursor { plan: (**plan).clone(), ranks })
+            }
+        };
+        Ok(())
+    }
+}
+
+impl Stateful for Feed {
+    fn save(&self, checkpoint: &mut CheckpointContent) -> Result<()> {
+        checkpoint.set("data", &self.gathered)
+    }
+
+    fn load(&mut self, checkpoint: &CheckpointContent) -> Result<()> {
+        let cursor: Option<DataCursor> = checkpoint.get_optional("data")?;
+        if let Some(cursor) = &cursor {
+            let groups = self.settings.dataset.row_groups();
+            let fits = cursor.validate().is_ok()
+                && cursor.plan.ranks.iter().flat_map(|r| &r.units).all(|u| {
+                    groups.get(u.row_group as usize).is_some_and(|g| u.start <= u.end && u.end <= g.rows)
+                })
+                && cursor
+                    .ranks
+                    .iter()
+                    .flat_map(|r| &r.buffered)
+                    .all(|s| groups.get(s.row_group as usize).is_some_and(|g| s.row < g.rows));
+            if !fits {
+                return Err(Error::IncompatibleCheckpoint {
+                    url: checkpoint.url.clone(),
+                    reason: "its data cursor does not fit the training dataset".into(),
+                });
+            }
+        }
+        self.start = cursor;
+        Ok(())
+    }
 }
 
 async fn produce(
     settings: FeedSettings,
     start: Option<DataCursor>,
-    sender: &mpsc::Sender<Feed>,
+    first_epoch: u64,
+    sender: &mpsc::Sender<Message>,
 ) -> Result<()> {
     let mut resume = start;
-    let mut epoch = resume.as_ref().map(|c| c.plan.epoch).unwrap_or(0);
+    let mut epoch = first_epoch;
+    let [channels, height, width] = settings.sample_shape;
     loop {
         let (plan, cursor) = match resume.take() {
             Some(saved) => {
+                // The rest of the saved epoch, re-dealt when the world size changed.
                 let (plan, mut cursors) = saved.resume(settings.world_size)?;
-                (plan, cursors.swap_remove(settings.rank))
+                epoch = plan.epoch;
+                (plan, Some(cursors.swap_remove(settings.rank)))
             }
-            None => {
-                let plan =
-                    EpochPlan::new(settings.seed, epoch, settings.dataset.row_groups(), settings.world_size)?;
-                let cursor = initial_cursors(&plan).swap_remove(settings.rank);
-                (plan, cursor)
-            }
+            None => (
+                EpochPlan::new(
+                    settings.stream.seed,
+                    epoch,
+                    settings.dataset.row_groups(),
+                    settings.world_size,
+                )?,
+                None,
+            ),
         };
-        let reader = RankReader::new(
+        let plan = Arc::new(plan);
+        let mut loader = BatchLoader::open(
             settings.dataset.clone(),
-            plan.ranks[settings.rank].clone(),
+            &plan,
+            settings.rank,
             cursor,
-            settings.shuffle_buffer,
-            settings.prefetch,
+            settings.transform.clone(),
+            settings.stream,
         )
         .await?;
-        let options = LoaderOptions {
-            batch_size: settings.batch_size,
-            threads: settings.threads,
-            seed: settings.seed,
-            epoch,
-        };
-        let mut loader = BatchLoader::new(reader, settings.transform.clone(), options)?;
-        // Full batches only: the short remainder at the end of an epoch is dropped, as with
-        // PyTorch's `drop_last`, so every step has the same batch size.
-        while let Some(batch) = loader.next_batch().await? {
-            if batch.labels.len() < settings.batch_size {
-                break;
+        let mut reported = 0;
+        // One batch is held back until the next is known, so the last one can say it is last.
+        let mut held: Option<FeedItem> = None;
+        loop {
+            let next = loader.next_batch().await?;
+            let skipped = loader.skipped();
+            let new_skipped = skipped[reported..].to_vec();
+            reported = skipped.len();
+            match next {
+                // Batches are full until the share runs out: a single sample is the last one.
+                Some(batch) if batch.len() == 1 && settings.stream.batch_size > 1 && held.is_some() => {
+                    if let Some(item) = held.as_mut() {
+                        item.batch.append(batch).map_err(Error::Internal)?;
+                        item.cursor = loader.cursor();
+                        item.skipped.extend(new_skipped);
+                    }
+                }
+                Some(batch) => {
+                    if let Some(previous) = held.take()
+                        && sender.send(Message::Item(previous)).await.is_err()
+                    {
+                        return Ok(());
+                    }
+                    held = Some(FeedItem {
+                        batch,
+                        epoch,
+                        last: false,
+                        plan: plan.clone(),
+                        cursor: loader.cursor(),
+                        skipped: new_skipped,
+                    });
+                }
+                None => {
+                    let mut item = held.take().unwrap_or_else(|| FeedItem {
+                        batch: BatchParts::empty(channels, height, width),
+                        epoch,
+                        last: true,
+                        plan: plan.clone(),
+                        cursor: loader.cursor(),
+                        skipped: Vec::new(),
+                    });
+                    item.last = true;
+                    item.cursor = loader.cursor();
+                    item.skipped.extend(new_skipped);
+                    if sender.send(Message::Item(item)).await.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
             }
-            let cursor = DataCursor { plan: plan.clone(), ranks: vec![loader.cursor()] };
-            if sender.send(Feed::Batch { batch, epoch, cursor }).await.is_err() {
-                return Ok(());
-            }
-        }
-        if sender.send(Feed::EpochEnd { epoch, skipped: loader.skipped() }).await.is_err() {
-            return Ok(());
         }
         epoch += 1;
     }

@@ -1,32 +1,43 @@
-//! The trainer: one process training EfficientNet from a job spec, with the paper's recipe,
-//! exact resume and asynchronous checkpoints to any store.
+//! The trainer: EfficientNet trained from a job spec, alone or as one rank of a data-parallel
+//! group, with the paper's recipe, exact resume and asynchronous checkpoints to any store.
 //!
 //! # Layout
-//! - [`trainer`]: [`trainer::run`] (prepare, restore, the loop) and [`trainer::check`].
-//! - [`feed`]: the data feed (read → decode → augment on the I/O runtime), cursor per batch.
-//! - [`optim`]: RMSProp-TF, SGD (Nesterov) and AdamW with named, checkpointable state.
-//! - [`schedule`]: learning rate (warm-up, exponential, cosine) and the drop-path ramp.
-//! - [`ema`]: the weight average, kept in a second model.
-//! - [`evaluate`]: top-1/top-5/loss and the confusion matrix of a model on a dataset.
-//! - [`checkpoint`]: `step-NNNNNNNN/` directories with a `COMMIT` marker; keep last/best k.
-//! - [`tensors`]: named tensors to and from safetensors bytes.
-//! - [`amp`]: bf16 autocast and channels_last through a small C++ shim (tch has neither).
-//! - [`metrics`]: `metrics.jsonl` / `samples.jsonl` in the job directory.
-//! - [`sync`]: data-parallel synchronisation (broadcast, bucketed gradient all-reduce, BatchNorm
-//!   statistics) over an `effnet-collective` backend.
+//! - [`job`]: the spec validated into a [`RunPlan`] and the parts' inputs (datasets, model
+//!   config, transforms, schedules); [`check`] is `effnet run --check`.
+//! - [`trainer`]: [`run`]: build the parts, restore them, the loop.
+//! - The parts, each owning its state behind [`state::Stateful`]:
+//!   [`network`] (the model and its EMA), [`optim`] (RMSProp-TF, SGD, AdamW with named slots),
+//!   [`progress`] (step, epoch, consumed samples; the console), [`feed`] (the data: one
+//!   epoch's share per rank, exactly once, and its cursor), [`state::RunIdentity`] (seed, spec,
+//!   world size).
+//! - [`step`]: one optimiser step across ranks; [`schedule`]: learning rate and drop-path ramp
+//!   as functions of the position; [`checkpointer`]: the resume point (decided once, by rank 0)
+//!   and background saves; [`evaluate`]: top-1/top-5/loss/confusion of a model, the trainer's
+//!   evaluations and `effnet eval`.
+//! - Below them: [`checkpoint`] (`step-NNNNNNNN/` + `COMMIT` in any store), [`state`]
+//!   (`state.json`), [`tensors`] (safetensors, batch tensors), [`amp`] (bf16 autocast and
+//!   channels_last through a small C++ shim), [`sync`] (collectives on tensors), [`metrics`]
+//!   (the job directory's logs).
 
 pub mod amp;
 pub mod checkpoint;
+pub mod checkpointer;
 pub mod ema;
 pub mod error;
 pub mod evaluate;
 pub mod feed;
+pub mod job;
 pub mod metrics;
+pub mod network;
 pub mod optim;
+pub mod progress;
 pub mod schedule;
+pub mod state;
+pub mod step;
 pub mod sync;
 pub mod tensors;
 pub mod trainer;
 
 pub use error::{Error, Result};
-pub use trainer::{Launch, ResumeFrom, RunOptions, RunPlan, RunSummary, check, run};
+pub use job::{RunPlan, check};
+pub use trainer::{Launch, ResumeFrom, RunOptions, RunSummary, run};

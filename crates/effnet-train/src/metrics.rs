@@ -1,8 +1,8 @@
-//! The job directory's logs: `metrics.jsonl` (one JSON object per line: `start`, `step`, `eval`,
-//! `checkpoint`, `skipped`, `end`) and, when asked for, `samples.jsonl` (the keys of every step's
-//! batch, for proving exactly-once). Lines carry the `attempt` number: a resumed run appends with
-//! the next attempt, so steps redone after a crash show up twice and the report can count the time
-//! lost.
+//! The job directory's logs: `metrics.jsonl` (rank 0; one JSON object per line: `start`, `step`,
+//! `eval`, `checkpoint`, `skipped`, `end`) and, when asked for, `samples-rank-NNNN.jsonl` (every
+//! rank its own: the keys of each step's batches, for proving exactly-once). Lines carry the
+//! `attempt` number: a resumed run appends with the next attempt, so steps redone after a crash
+//! show up twice and the report can count the time lost.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, LineWriter, Write};
@@ -13,16 +13,15 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 
-// The report reads these files, so their names are its.
-pub use effnet_report::evaluation::EVALUATION_FILE;
-pub use effnet_report::job::{JOB_FILE, METRICS_FILE};
-pub const SAMPLES_FILE: &str = "samples.jsonl";
+pub use effnet_jobdir::evaluation::EVALUATION_FILE;
+pub use effnet_jobdir::{JOB_FILE, METRICS_FILE, SUMMARY_FILE, samples_file};
 
 pub struct MetricsLog {
     path: PathBuf,
     /// `None` on ranks other than 0, which write nothing.
     metrics: Option<LineWriter<File>>,
-    samples: Option<LineWriter<File>>,
+    samples: Option<(PathBuf, LineWriter<File>)>,
+    rank: usize,
     pub attempt: u64,
 }
 
@@ -46,18 +45,22 @@ pub fn previous_attempts(job_dir: &Path) -> u64 {
 }
 
 impl MetricsLog {
-    pub fn open(job_dir: &Path, log_samples: bool) -> Result<MetricsLog> {
-        std::fs::create_dir_all(job_dir).map_err(io_error(job_dir))?;
-        let attempt = previous_attempts(job_dir) + 1;
+    /// Rank `rank`'s logs of attempt `attempt` (rank 0 counts it with [`previous_attempts`] and
+    /// tells the others): rank 0 writes `metrics.jsonl`, every rank its sample keys if asked.
+    pub fn open(job_dir: &Path, rank: usize, attempt: u64, log_samples: bool) -> Result<MetricsLog> {
+        if rank == 0 || log_samples {
+            std::fs::create_dir_all(job_dir).map_err(io_error(job_dir))?;
+        }
         let path = job_dir.join(METRICS_FILE);
-        let metrics = append(&path)?;
-        let samples = if log_samples { Some(append(&job_dir.join(SAMPLES_FILE))?) } else { None };
-        Ok(MetricsLog { path, metrics: Some(metrics), samples, attempt })
-    }
-
-    /// A log that writes nothing (data-parallel ranks other than 0).
-    pub fn disabled() -> MetricsLog {
-        MetricsLog { path: PathBuf::new(), metrics: None, samples: None, attempt: 0 }
+        let metrics = if rank == 0 { Some(append(&path)?) } else { None };
+        let samples = if log_samples {
+            let samples_path = job_dir.join(samples_file(rank));
+            let writer = append(&samples_path)?;
+            Some((samples_path, writer))
+        } else {
+            None
+        };
+        Ok(MetricsLog { path, metrics, samples, rank, attempt })
     }
 
     /// Write one record of `kind` with the fields of `record` (an object) plus attempt and time.
@@ -74,11 +77,13 @@ impl MetricsLog {
         writeln!(metrics, "{line}").map_err(io_error(&self.path))
     }
 
-    pub fn write_samples(&mut self, step: u64, keys: &[String]) -> Result<()> {
-        let attempt = self.attempt;
-        if let Some(samples) = &mut self.samples {
-            let line = json!({ "attempt": attempt, "step": step, "keys": keys });
-            writeln!(samples, "{line}").map_err(|source| Error::Io { path: SAMPLES_FILE.into(), source })?;
+    /// The keys this rank trained in `step` (1-based: the step they went into).
+    pub fn write_samples<'a>(&mut self, step: u64, keys: impl Iterator<Item = &'a String>) -> Result<()> {
+        let (attempt, rank) = (self.attempt, self.rank);
+        if let Some((path, samples)) = &mut self.samples {
+            let keys: Vec<&String> = keys.collect();
+            let line = json!({ "attempt": attempt, "step": step, "rank": rank, "keys": keys });
+            writeln!(samples, "{line}").map_err(io_error(path))?;
         }
         Ok(())
     }

@@ -102,6 +102,11 @@ impl Optimizer {
         self.rule
     }
 
+    /// The parameters it updates, in update order (shallow handles to the same tensors).
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
+    }
+
     pub fn steps(&self) -> u64 {
         self.steps
     }
@@ -265,6 +270,26 @@ fn update(rule: OptimizerRule, steps: u64, lr: f64, param: &mut Param, grad: Ten
             let denominator = (&*exp_avg_sq / correction2).sqrt() + eps;
             let _ = param.tensor.f_sub_(&(&*exp_avg / &denominator * (lr / correction1)));
         }
+    }
+}
+
+impl crate::state::Stateful for Optimizer {
+    fn save(&self, checkpoint: &mut crate::state::CheckpointContent) -> Result<()> {
+        checkpoint.set("optimizer_steps", self.steps)?;
+        checkpoint.put_file(
+            crate::checkpoint::OPTIMIZER_FILE,
+            crate::tensors::to_safetensors(&self.state_tensors())?,
+        );
+        Ok(())
+    }
+
+    fn load(&mut self, checkpoint: &crate::state::CheckpointContent) -> Result<()> {
+        let url = checkpoint.url.clone();
+        let steps: u64 = checkpoint.get("optimizer_steps")?;
+        let slots = crate::tensors::from_safetensors(checkpoint.file(crate::checkpoint::OPTIMIZER_FILE)?)
+            .map_err(|reason| Error::BadCheckpoint { url: url.clone(), reason })?;
+        self.load_state(slots, steps)
+            .map_err(|e| Error::IncompatibleCheckpoint { url, reason: e.to_string() })
     }
 }
 

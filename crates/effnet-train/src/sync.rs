@@ -1,9 +1,10 @@
 //! Data-parallel synchronisation on top of a [`Collective`]: tensors mapped onto flat buffers.
 //!
 //! - [`DataParallel::broadcast_variables`]: every parameter and buffer from rank 0 (start, resume).
-//! - [`DataParallel::all_reduce_gradients`]: gradients packed into buckets of about
-//!   `distributed.bucket_mb`, all-reduced and divided by the world size (optionally carried as
-//!   bf16), then written back, so every rank steps its optimiser on the same averaged gradient.
+//! - [`DataParallel::sum_gradients`]: gradients packed into buckets of about
+//!   `distributed.bucket_mb`, summed across ranks (optionally carried as bf16), then written
+//!   back; the step divides the sum by the global sample count, so ranks with short or empty
+//!   batches weigh exactly their samples and every rank steps on the same mean gradient.
 //! - [`DataParallel::average_buffers`]: BatchNorm running statistics averaged across ranks
 //!   before evaluation and checkpoints (each rank normalises its own batches in between).
 //! - small helpers: sums of a few f64 (flags, evaluation counts) and an all-gather of bytes
@@ -151,9 +152,9 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Average the gradients of `parameters` across ranks, bucket by bucket (name order).
+    /// Sum the gradients of `parameters` across ranks, bucket by bucket (name order).
     /// Parameters without a gradient contribute zeros and are left without one.
-    pub fn all_reduce_gradients(&mut self, parameters: &[(String, Tensor)]) -> Result<()> {
+    pub fn sum_gradients(&mut self, parameters: &[(String, Tensor)]) -> Result<()> {
         let grads: Vec<(Tensor, bool)> = parameters
             .iter()
             .map(|(_, p)| {
@@ -185,7 +186,7 @@ impl DataParallel {
                 Tensor::cat(&bucket.iter().map(|g| g.reshape([-1]).to_device(device)).collect::<Vec<_>>(), 0)
                     .to_kind(kind)
             });
-            self.on_tensor(&flat, |c, buffer| c.all_reduce(buffer, ReduceOp::Average))?;
+            self.on_tensor(&flat, |c, buffer| c.all_reduce(buffer, ReduceOp::Sum))?;
             let written: Vec<&Tensor> = grads[start..end].iter().map(|(g, _)| g).collect();
             write_back(&written, &flat);
             start = end;
@@ -253,6 +254,12 @@ impl DataParallel {
             .collect())
     }
 
+    /// Rank 0's `bytes` on every rank.
+    pub fn broadcast_bytes(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let mine: &[u8] = if self.rank() == 0 { bytes } else { &[] };
+        Ok(self.all_gather_bytes(mine)?.swap_remove(0))
+    }
+
     pub fn barrier(&mut self) -> Result<()> {
         let started = Instant::now();
         let result = self.collective.barrier().map_err(collective_error);
@@ -264,6 +271,70 @@ impl DataParallel {
     pub fn abort(&self, code: i32) {
         self.collective.abort(code);
     }
+}
+
+/// The collective group of a worker (`Launch::Worker`), or `None` for a single process.
+pub fn connect(
+    spec: &effnet_config::JobSpec,
+    launch: crate::trainer::Launch,
+    device: Device,
+) -> Result<Option<DataParallel>> {
+    let workers = spec.distributed.workers as usize;
+    if launch == crate::trainer::Launch::Single {
+        if workers > 1 {
+            return Err(Error::invalid(
+                "distributed.workers",
+                format!(
+                    "{workers} workers need a launcher: `effnet run` starts them, or `mpirun -n {workers} effnet worker JOB.yaml`"
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let backend = match (spec.distributed.backend, device) {
+        (Some(effnet_config::Backend::Mpi), _) => effnet_collective::Backend::Mpi,
+        (Some(effnet_config::Backend::Nccl), _) => effnet_collective::Backend::Nccl,
+        (Some(effnet_config::Backend::Local), _) => {
+            return Err(Error::invalid(
+                "distributed.backend",
+                "local trains in one process; workers need mpi (CPU) or nccl (CUDA)",
+            ));
+        }
+        (None, Device::Cuda(_)) => effnet_collective::Backend::Nccl,
+        (None, _) => effnet_collective::Backend::Mpi,
+    };
+    let timeout = std::time::Duration::from_secs_f64(spec.distributed.timeout_s);
+    let collective: Box<dyn Collective> = match backend {
+        effnet_collective::Backend::Mpi => {
+            if device.is_cuda() {
+                return Err(Error::invalid(
+                    "distributed.backend",
+                    "mpi reduces host memory; with device cuda use nccl",
+                ));
+            }
+            Box::new(effnet_collective::Mpi::init(timeout).map_err(collective_error)?)
+        }
+        effnet_collective::Backend::Nccl => {
+            if !device.is_cuda() {
+                return Err(Error::invalid("distributed.backend", "nccl needs distributed.device: cuda"));
+            }
+            let info = effnet_collective::WorldInfo::from_env()
+                .map_err(|e| Error::invalid("environment", e.to_string()))?;
+            let address = effnet_collective::rendezvous::address_from_env();
+            Box::new(effnet_collective::Nccl::init(&info, &address, timeout).map_err(collective_error)?)
+        }
+    };
+    if collective.world_size() != workers {
+        return Err(Error::invalid(
+            "distributed.workers",
+            format!("{workers} workers asked for, but the launcher started {}", collective.world_size()),
+        ));
+    }
+    let gradient_dtype = match spec.distributed.gradient_dtype {
+        effnet_config::GradientDtype::F32 => GradientDtype::F32,
+        effnet_config::GradientDtype::Bf16 => GradientDtype::Bf16,
+    };
+    Ok(Some(DataParallel::new(collective, spec.distributed.bucket_mb, gradient_dtype, device)))
 }
 
 /// Copy consecutive slices of `flat` back into `targets` (converting dtype and device).

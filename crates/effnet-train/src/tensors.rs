@@ -100,6 +100,38 @@ pub fn load_into(
     Ok(())
 }
 
+/// A batch's images and labels as tensors on a device. On the CPU the image tensor is a view of
+/// the batch's own buffer, which the loader's workers filled in place, so the pixels are never
+/// copied; on a GPU they are copied once, host to device. The borrow keeps the buffer alive
+/// while the tensors (and the autograd graph that saves the input) use it.
+pub struct BatchTensors<'a> {
+    pub images: Tensor,
+    pub labels: Tensor,
+    _batch: std::marker::PhantomData<&'a effnet_vision::BatchParts>,
+}
+
+pub fn batch_tensors(batch: &effnet_vision::BatchParts, device: Device) -> Result<BatchTensors<'_>> {
+    let expected: i64 = batch.shape.iter().product();
+    if expected != batch.pixels.len() as i64 || batch.shape[0] != batch.labels.len() as i64 {
+        return Err(Error::Internal(format!(
+            "a batch of shape {:?} holds {} floats and {} labels",
+            batch.shape,
+            batch.pixels.len(),
+            batch.labels.len()
+        )));
+    }
+    // SAFETY: `pixels` is a live, initialised, contiguous f32 buffer of exactly `shape`'s
+    // element count, borrowed for the lifetime of the returned tensors.
+    let images = unsafe {
+        Tensor::f_from_blob(batch.pixels.as_ptr() as *const u8, &batch.shape, &[], Kind::Float, Device::Cpu)?
+    };
+    Ok(BatchTensors {
+        images: images.to_device(device),
+        labels: Tensor::from_slice(&batch.labels).to_device(device),
+        _batch: std::marker::PhantomData,
+    })
+}
+
 /// The variables of `vs` sorted by name, so orders never depend on a hash map.
 pub fn sorted_variables(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -122,5 +154,22 @@ mod tests {
         assert!(back["b"].equal(&b));
         assert_eq!(back["a"].size(), vec![3, 4]);
         assert!(from_safetensors(b"junk").is_err());
+    }
+
+    #[test]
+    fn batch_images_are_a_view_of_the_buffer() {
+        let batch = effnet_vision::BatchParts {
+            pixels: (0..24).map(|v| v as f32).collect(),
+            labels: vec![3, 1],
+            keys: vec!["a".into(), "b".into()],
+            shape: [2, 3, 2, 2],
+        };
+        let tensors = batch_tensors(&batch, Device::Cpu).unwrap();
+        assert_eq!(tensors.images.size(), [2, 3, 2, 2]);
+        assert_eq!(tensors.images.data_ptr() as *const f32, batch.pixels.as_ptr());
+        assert_eq!(tensors.images.double_value(&[1, 2, 1, 1]), 23.0);
+        assert_eq!(Vec::<i64>::try_from(&tensors.labels).unwrap(), [3, 1]);
+        let short = effnet_vision::BatchParts { labels: vec![1], ..batch.clone() };
+        assert!(batch_tensors(&short, Device::Cpu).is_err());
     }
 }

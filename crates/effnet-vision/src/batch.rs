@@ -24,6 +24,41 @@ pub struct BatchParts {
     pub shape: [i64; 4],
 }
 
+impl BatchParts {
+    /// A batch of no samples of the given per-sample shape (a rank with nothing left to read).
+    pub fn empty(channels: i64, height: i64, width: i64) -> BatchParts {
+        BatchParts {
+            pixels: Vec::new(),
+            labels: Vec::new(),
+            keys: Vec::new(),
+            shape: [0, channels, height, width],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Append `other`'s samples (same per-sample shape) after this batch's.
+    pub fn append(&mut self, other: BatchParts) -> Result<(), String> {
+        if other.shape[1..] != self.shape[1..] {
+            return Err(format!(
+                "cannot append samples of shape {:?} to a batch of {:?}",
+                other.shape, self.shape
+            ));
+        }
+        self.pixels.extend_from_slice(&other.pixels);
+        self.labels.extend(other.labels);
+        self.keys.extend(other.keys);
+        self.shape[0] = self.labels.len() as i64;
+        Ok(())
+    }
+}
+
 /// Contiguous storage for `batch_size` samples of `channels` × `height` × `width` floats.
 #[derive(Clone, Debug)]
 pub struct BatchBuffer {
@@ -150,6 +185,25 @@ mod tests {
         assert_eq!(parts.pixels.len(), 240);
         // The pixels are the very allocation the slots were written into.
         assert_eq!(parts.pixels.as_ptr(), pixels_ptr);
+    }
+
+    #[test]
+    fn parts_append_keeps_order_and_checks_shape() {
+        let one = |value: f32, key: &str| BatchParts {
+            pixels: vec![value; 4],
+            labels: vec![value as i64],
+            keys: vec![key.to_string()],
+            shape: [1, 1, 2, 2],
+        };
+        let mut batch = one(1.0, "a");
+        batch.append(one(2.0, "b")).unwrap();
+        assert_eq!(batch.shape, [2, 1, 2, 2]);
+        assert_eq!(batch.pixels, [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
+        assert_eq!(batch.keys, ["a", "b"]);
+        assert_eq!(batch.len(), 2);
+        let err = batch.append(BatchParts::empty(3, 2, 2)).unwrap_err();
+        assert!(err.contains("[0, 3, 2, 2]"), "{err}");
+        assert!(BatchParts::empty(1, 2, 2).is_empty());
     }
 
     #[test]

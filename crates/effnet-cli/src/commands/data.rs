@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
-use effnet_data::plan::{EpochPlan, initial_cursors};
+use effnet_data::plan::EpochPlan;
 use effnet_data::prepare::{
     DEBIAN_FASHION_MNIST, idx_pair, prepare_fashion_mnist, prepare_idx, prepare_image_folder,
 };
@@ -219,9 +219,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
             let report = runtime.block_on(async {
                 let dataset = Dataset::open(&url).await?;
                 let plan = EpochPlan::new(0, 0, dataset.row_groups(), 1)?;
-                let cursor = initial_cursors(&plan).remove(0);
-                let mut reader =
-                    RankReader::new(dataset.clone(), plan.ranks[0].clone(), cursor, 1, 4).await?;
+                let mut reader = RankReader::for_plan(dataset.clone(), &plan, 0, None, 1, 4).await?;
                 let bar = progress_bar("verify");
                 bar.set_length(dataset.manifest.rows);
                 let mut decoded = 0;

@@ -240,20 +240,29 @@ fn print_plan(plan: &RunPlan) {
         plan.train_samples,
         plan.val_samples.map(|v| format!(", {v} validation samples")).unwrap_or_default()
     );
+    let length = match plan.length {
+        effnet_train::progress::TrainLength::Steps(steps) => format!("{steps} steps"),
+        effnet_train::progress::TrainLength::Epochs(epochs) => format!("{epochs} epochs"),
+    };
     println!(
-        "steps            {} ({} per epoch, global batch {})",
+        "steps            {} ({} per epoch, global batch {}; {length})",
         plan.total_steps, plan.steps_per_epoch, plan.global_batch
     );
     println!(
-        "learning rate    peak {:.4e} after {} warm-up steps, then {:?}",
+        "learning rate    peak {:.4e} after {:.2} warm-up steps, then {:?}",
         plan.schedule.peak, plan.schedule.warmup_steps, plan.schedule.decay
     );
     println!("drop path        {:?}", plan.drop_path);
+    println!("dropout          {}", plan.dropout);
     println!(
         "evaluation       {}",
-        plan.eval_every_steps
-            .map(|s| format!("every {s} steps and at the end"))
-            .unwrap_or("at the end".into())
+        match plan.eval_every {
+            Some(effnet_train::schedule::Interval::Steps(steps)) =>
+                format!("every {steps} steps and at the end"),
+            Some(effnet_train::schedule::Interval::Epochs(epochs)) =>
+                format!("every {epochs} epochs and at the end"),
+            None => "at the end".into(),
+        }
     );
     println!("checkpoints      {}", plan.checkpoint_url);
 }
@@ -278,7 +287,9 @@ fn print_summary(summary: &RunSummary) {
         );
     }
     if summary.skipped_samples > 0 {
-        println!("skipped          {} unusable samples (keys in metrics.jsonl)", summary.skipped_samples);
+        let keys: Vec<String> =
+            summary.skipped.iter().map(|s| format!("{} (rank {}: {})", s.key, s.rank, s.reason)).collect();
+        println!("skipped          {} unusable samples: {}", summary.skipped_samples, keys.join(", "));
     }
     if let Some(val) = summary.val {
         println!(

@@ -60,6 +60,18 @@ pub const CLASSES: usize = 4;
 
 /// A learnable grey dataset: class `c` lights up quadrant `c` of a 16×16 image, plus noise.
 pub fn synthetic_dataset(url: &str, samples: usize, salt: usize, rows_per_group: usize) {
+    synthetic_dataset_with_corrupt(url, samples, salt, rows_per_group, &[]);
+}
+
+/// [`synthetic_dataset`] where the samples at `corrupt` positions hold bytes that are no image
+/// (keys `s{salt}-{i}-corrupt`): stored as given, found only when decoded.
+pub fn synthetic_dataset_with_corrupt(
+    url: &str,
+    samples: usize,
+    salt: usize,
+    rows_per_group: usize,
+    corrupt: &[usize],
+) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let location = effnet_store::open(url).unwrap();
@@ -68,6 +80,11 @@ pub fn synthetic_dataset(url: &str, samples: usize, salt: usize, rows_per_group:
         let mut writer = DatasetWriter::create(location, "synthetic", classes, options).await.unwrap();
         for i in 0..samples {
             let label = i % CLASSES;
+            if corrupt.contains(&i) {
+                let bytes = b"\x89PNG but not really an image".to_vec();
+                writer.push(format!("s{salt}-{i:04}-corrupt"), bytes, label as i32).await.unwrap();
+                continue;
+            }
             let pixels: Vec<u8> = (0..256)
                 .map(|p| {
                     let (x, y) = (p % 16, p / 16);
@@ -81,4 +98,36 @@ pub fn synthetic_dataset(url: &str, samples: usize, salt: usize, rows_per_group:
         }
         writer.finish().await.unwrap();
     });
+}
+
+/// The sample keys every rank trained, by step, from the `samples-rank-*.jsonl` files of a job
+/// directory: each step's keys come from the latest attempt that logged that step (a resumed
+/// run redoes the steps after its checkpoint), all ranks together.
+pub fn sample_keys_by_step(job_dir: &Path) -> std::collections::BTreeMap<u64, Vec<String>> {
+    use std::collections::BTreeMap;
+    let mut by_step: BTreeMap<u64, (u64, Vec<String>)> = BTreeMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(job_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("samples-rank-"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no sample key files in {}", job_dir.display());
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let step = value["step"].as_u64().unwrap();
+            let attempt = value["attempt"].as_u64().unwrap();
+            let keys: Vec<String> =
+                value["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+            match by_step.get_mut(&step) {
+                Some((seen, existing)) if *seen == attempt => existing.extend(keys),
+                Some((seen, _)) if *seen > attempt => {}
+                _ => {
+                    by_step.insert(step, (attempt, keys));
+                }
+            }
+        }
+    }
+    by_step.into_iter().map(|(step, (_, keys))| (step, keys)).collect()
 }

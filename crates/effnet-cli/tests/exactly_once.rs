@@ -1,0 +1,296 @@
+//! Exactly once per epoch across ranks, under a real `mpirun`: every good sample of an epoch is
+//! trained once whatever the world size, also when the dataset does not divide by ranks × batch
+//! × row-group size, when samples are corrupt, and after a SIGKILL mid-epoch resumed at another
+//! world size (1 or 3 ranks; the rest of the epoch is re-dealt).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use common::{effnet, synthetic_dataset_with_corrupt};
+
+/// 1,006 samples in row groups of 16 (62 of 16 and one of 14), 3 of them corrupt: 1,003 good.
+/// Two ranks of batch 8 make a global batch of 16; 1,006 is no multiple of 2 × 8 × 16.
+const SAMPLES: usize = 1006;
+const CORRUPT: [usize; 3] = [5, 517, 1003];
+const ROWS_PER_GROUP: usize = 16;
+
+fn data_dir() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_dataset_with_corrupt(
+        dir.path().join("train").to_str().unwrap(),
+        SAMPLES,
+        0,
+        ROWS_PER_GROUP,
+        &CORRUPT,
+    );
+    dir
+}
+
+fn good_keys() -> BTreeSet<String> {
+    (0..SAMPLES).filter(|i| !CORRUPT.contains(i)).map(|i| format!("s0-{i:04}")).collect()
+}
+
+fn corrupt_keys() -> BTreeSet<String> {
+    CORRUPT.iter().map(|i| format!("s0-{i:04}-corrupt")).collect()
+}
+
+/// A one-epoch job of `workers` ranks, batch 8, checkpoints every 8 steps. Small and fast: B0
+/// at 16×16, one thread per rank, no evaluation data.
+fn write_job(dir: &Path, data: &Path, workers: u32) -> PathBuf {
+    let yaml = dir.join("job.yaml");
+    let text = format!(
+        "name: exactly-once
+job_dir: {job}
+seed: 5
+model:
+  variant: b0
+  input_channels: 1
+  resolution: 16
+data:
+  train: {train}
+  batch_size: 8
+  loader_threads: 1
+  shuffle_buffer: 24
+  normalization: fashion_mnist
+  log_sample_keys: true
+optimizer:
+  kind: sgd
+  lr: 0.01
+training:
+  epochs: 1
+  threads: 1
+  ema:
+    enabled: false
+checkpoint:
+  every_steps: 8
+  keep_last: 20
+distributed:
+  workers: {workers}
+  backend: {backend}
+  timeout_s: 120
+",
+        job = dir.join("job").display(),
+        train = data.join("train").display(),
+        backend = if workers > 1 { "mpi" } else { "local" },
+    );
+    std::fs::write(&yaml, text).unwrap();
+    yaml
+}
+
+/// Every (attempt, step, rank, keys) line of the job's sample-key files.
+fn sample_lines(job_dir: &Path) -> Vec<(u64, u64, u64, Vec<String>)> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(job_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.file_name().unwrap().to_str().unwrap().starts_with("samples-rank-") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let keys =
+                value["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+            lines.push((
+                value["attempt"].as_u64().unwrap(),
+                value["step"].as_u64().unwrap(),
+                value["rank"].as_u64().unwrap(),
+                keys,
+            ));
+        }
+    }
+    lines
+}
+
+/// The metrics log's records of one type.
+fn records(job_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(job_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+/// Assert every good key is in `trained` exactly once and nothing else is.
+fn assert_exactly_once(trained: &[String]) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for key in trained {
+        *counts.entry(key.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        twice.is_empty(),
+        "{} keys trained more than once, e.g. {twice:?}",
+        counts.values().filter(|n| **n > 1).count()
+    );
+    let seen: BTreeSet<String> = counts.keys().map(|k| k.to_string()).collect();
+    let good = good_keys();
+    let missing: Vec<_> = good.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} good keys never trained, e.g. {missing:?}",
+        good.difference(&seen).count()
+    );
+    let extra: Vec<_> = seen.difference(&good).collect();
+    assert!(extra.is_empty(), "trained keys that are not good samples: {extra:?}");
+    assert_eq!(trained.len(), good.len());
+}
+
+/// The skipped samples recorded in the metrics log (all ranks), by key.
+fn skipped_keys(job_dir: &Path) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for record in records(job_dir, "skipped") {
+        for sample in record["samples"].as_array().unwrap() {
+            assert!(sample["rank"].is_u64(), "{sample}");
+            assert!(keys.insert(sample["key"].as_str().unwrap().to_string()), "{sample} reported twice");
+        }
+    }
+    keys
+}
+
+#[test]
+fn two_ranks_train_each_good_sample_of_an_epoch_exactly_once() {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = write_job(dir.path(), data.path(), 2);
+    let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let job_dir = dir.path().join("job");
+    let lines = sample_lines(&job_dir);
+    let ranks: BTreeSet<u64> = lines.iter().map(|l| l.2).collect();
+    assert_eq!(ranks, BTreeSet::from([0, 1]), "both ranks record their keys");
+    let trained: Vec<String> = lines.into_iter().flat_map(|l| l.3).collect();
+    assert_exactly_once(&trained);
+    // The three corrupt samples: skipped, reported by key in the log and the summary.
+    assert_eq!(skipped_keys(&job_dir), corrupt_keys());
+    assert!(outcome.stdout.contains("skipped          3 unusable samples"), "{}", outcome.stdout);
+    for key in corrupt_keys() {
+        assert!(outcome.stdout.contains(&key), "{key} not in the summary: {}", outcome.stdout);
+    }
+    // The epoch ended once, after the step in which the last rank finished its share, and the
+    // checkpoint at its end saves no cursor (the next epoch starts from its own plan).
+    let ends = records(&job_dir, "epoch_end");
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    let last_step = ends[0]["step"].as_u64().unwrap();
+    assert!(last_step > (SAMPLES as u64) / 16, "{last_step} steps: a rank's leftovers were dropped");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(job_dir.join(format!("checkpoints/step-{last_step:08}/state.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["epoch"], 1);
+    assert!(state["data"].is_null(), "{}", state["data"]);
+    assert_eq!(state["samples_consumed"], SAMPLES as u64);
+    assert_eq!(state["samples_seen"], good_keys().len() as u64);
+}
+
+/// Start `effnet run` in its own process group, wait for the checkpoint of `step`, and SIGKILL
+/// the whole group (the launcher, mpirun and every rank).
+fn run_and_kill_after(yaml: &Path, checkpoints: &Path, step: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["run", yaml.to_str().unwrap(), "--progress", "never"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let marker = checkpoints.join(format!("step-{step:08}/COMMIT"));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(Instant::now() < deadline, "no checkpoint at step {step}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let group = format!("-{}", child.id());
+    let killed = Command::new("kill").args(["-KILL", "--", &group]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.code().is_none(), "killed by a signal, not exited: {status:?}");
+    // No rank outlives the group (zombies, dead but not yet reaped, do not count).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while living_in_group(child.id()) > 0 {
+        assert!(Instant::now() < deadline, "ranks survived the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes of process group `group` that are not zombies, from /proc.
+fn living_in_group(group: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // pid (comm) state ppid pgrp ...: split after the command's closing parenthesis.
+            let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.len() > 2 && fields[2] == group.to_string() && fields[0] != "Z"
+        })
+        .count()
+}
+
+/// Kill a 2-rank run mid-epoch, resume it at `resumed_workers` ranks, and check the union of
+/// both attempts' keys (the first attempt's up to the resumed step) is the good set once.
+fn killed_at_two_and_resumed_at(resumed_workers: u32) {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = write_job(dir.path(), data.path(), 2);
+    let job_dir = dir.path().join("job");
+    run_and_kill_after(&yaml, &job_dir.join("checkpoints"), 16);
+
+    write_job(dir.path(), data.path(), resumed_workers);
+    let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let starts = records(&job_dir, "start");
+    assert_eq!(starts.len(), 2);
+    let resumed_step = starts[1]["step"].as_u64().unwrap();
+    assert!((16..60).contains(&resumed_step), "resumed at step {resumed_step}");
+    assert_eq!(starts[1]["resumed_world_size"], 2);
+    assert_eq!(starts[1]["redealt"], true, "{}", starts[1]);
+    assert_eq!(starts[1]["world_size"], resumed_workers);
+
+    let lines = sample_lines(&job_dir);
+    let resumed_ranks: BTreeSet<u64> = lines.iter().filter(|l| l.0 == 2).map(|l| l.2).collect();
+    assert_eq!(resumed_ranks, (0..resumed_workers as u64).collect());
+    let trained: Vec<String> = lines
+        .into_iter()
+        .filter(|(attempt, step, _, _)| *attempt == 2 || *step < resumed_step)
+        .flat_map(|l| l.3)
+        .collect();
+    assert_exactly_once(&trained);
+    assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs_completed"], 1);
+}
+
+/// Skipped samples of the first attempt up to `resumed_step` and all of the second.
+fn skipped_keys_up_to(job_dir: &Path, resumed_step: u64) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for record in records(job_dir, "skipped") {
+        // A record's step is the number of steps done when it was logged (the skip happened in
+        // the step that made it so).
+        if record["attempt"] == 1 && record["step"].as_u64().unwrap() > resumed_step {
+            continue;
+        }
+        for sample in record["samples"].as_array().unwrap() {
+            assert!(keys.insert(sample["key"].as_str().unwrap().to_string()), "{sample} reported twice");
+        }
+    }
+    keys
+}
+
+#[test]
+fn killed_mid_epoch_and_resumed_on_one_rank_is_exactly_once() {
+    killed_at_two_and_resumed_at(1);
+}
+
+#[test]
+fn killed_mid_epoch_and_resumed_on_three_ranks_is_exactly_once() {
+    killed_at_two_and_resumed_at(3);
+}

@@ -1,0 +1,217 @@
+//! The checkpoint manager: decides once where a run starts, and saves the [`Stateful`]
+//! components when a checkpoint is due, in the background, keeping the last and best k.
+//!
+//! Resume is decided by rank 0 alone (the newest committed checkpoint, `--resume URL`, or none)
+//! and its URL is broadcast; every rank then loads that same checkpoint (checksums verified), so
+//! ranks can never start from different steps. A rank that cannot read it fails the job.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use effnet_config::JobSpec;
+use serde_json::json;
+
+use crate::checkpoint::{self, CheckpointStore, SaveStats};
+use crate::error::{Error, Result};
+use crate::metrics::MetricsLog;
+use crate::state::{CheckpointContent, Stateful};
+use crate::sync::DataParallel;
+
+/// Where a run starts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResumeFrom {
+    /// The newest committed checkpoint of the job, or step 0 when there is none.
+    Latest,
+    /// One checkpoint directory by URL.
+    Url(String),
+    /// Step 0; the job's existing checkpoints are deleted first.
+    Fresh,
+}
+
+type PendingSave = tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>;
+
+pub struct Checkpointer {
+    url: String,
+    /// Rank 0's handle on the store (other ranks write nothing). Opened on the first save when
+    /// the local directory does not exist yet, so a rejected job creates nothing.
+    store: Option<CheckpointStore>,
+    writer: bool,
+    every_steps: Option<u64>,
+    at_epoch_end: bool,
+    keep_last: usize,
+    keep_best: usize,
+    pending: Option<PendingSave>,
+    /// Saves finished so far in this run.
+    pub saves: Vec<SaveStats>,
+}
+
+impl Checkpointer {
+    pub fn from_config(spec: &JobSpec, writer: bool) -> Result<Checkpointer> {
+        let url = spec.checkpoint_url();
+        let store = if writer {
+            checkpoint::existing(&url).map_err(|e| Error::invalid("checkpoint.url", e.to_string()))?
+        } else {
+            None
+        };
+        Ok(Checkpointer {
+            url,
+            store,
+            writer,
+            every_steps: spec.checkpoint.every_steps,
+            at_epoch_end: spec.checkpoint.at_epoch_end,
+            keep_last: spec.checkpoint.keep_last as usize,
+            keep_best: spec.checkpoint.keep_best as usize,
+            pending: None,
+            saves: Vec::new(),
+        })
+    }
+
+    /// The checkpoint every rank starts from, chosen by rank 0, or `None` for step 0. With
+    /// [`ResumeFrom::Fresh`] rank 0 deletes the job's checkpoints first.
+    pub fn resume_point(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        resume: &ResumeFrom,
+        parallel: Option<&mut DataParallel>,
+    ) -> Result<Option<CheckpointContent>> {
+        let mut chosen: Option<(String, HashMap<String, Bytes>)> = None;
+        if self.writer {
+            chosen = match (resume, &self.store) {
+                (ResumeFrom::Fresh, _) | (ResumeFrom::Latest, None) => None,
+                (ResumeFrom::Latest, Some(store)) => {
+                    runtime.block_on(store.latest())?.map(|(committed, files)| (committed.url, files))
+                }
+                (ResumeFrom::Url(url), _) => {
+                    Some((url.clone(), runtime.block_on(checkpoint::load_url(url))?.1))
+                }
+            };
+            if *resume == ResumeFrom::Fresh
+                && let Some(store) = &self.store
+            {
+                let committed = runtime.block_on(store.committed())?;
+                if !committed.is_empty() {
+                    tracing::warn!(url = %self.url, count = committed.len(), "--fresh: deleting the job's existing checkpoints");
+                    runtime.block_on(store.purge(0, 0))?;
+                }
+            }
+        }
+        let (url, files) = match parallel {
+            None => match chosen {
+                Some(found) => found,
+                None => return Ok(None),
+            },
+            Some(parallel) => {
+                let url = chosen.as_ref().map(|(url, _)| url.clone()).unwrap_or_default();
+                let url = String::from_utf8(parallel.broadcast_bytes(url.as_bytes())?)
+                    .map_err(|e| Error::Internal(format!("the resume URL from rank 0: {e}")))?;
+                if url.is_empty() {
+                    return Ok(None);
+                }
+                match chosen {
+                    Some(found) => found,
+                    // Every other rank reads rank 0's choice itself and verifies its checksums.
+                    None => {
+                        let files = runtime.block_on(checkpoint::load_url(&url)).map_err(|e| {
+                            Error::Internal(format!("cannot read the checkpoint rank 0 resumes from: {e}"))
+                        })?;
+                        (url, files.1)
+                    }
+                }
+            }
+        };
+        CheckpointContent::from_files(&url, files).map(Some)
+    }
+
+    /// A checkpoint is due after this step.
+    pub fn due(&self, step: u64, epoch_ended: bool, last: bool) -> bool {
+        self.every_steps.is_some_and(|every| step.is_multiple_of(every))
+            || (self.at_epoch_end && epoch_ended)
+            || last
+    }
+
+    /// The files of a checkpoint of `components`.
+    pub fn assemble(components: &[&dyn Stateful]) -> Result<Vec<(String, Bytes)>> {
+        let mut content = CheckpointContent::default();
+        for component in components {
+            component.save(&mut content)?;
+        }
+        content.into_files()
+    }
+
+    /// Save `files` (see [`Checkpointer::assemble`]) as the checkpoint of `step` in the
+    /// background (rank 0; others return). At most one save is in flight: the previous one is
+    /// waited for first.
+    pub fn save(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+        step: u64,
+        metric: Option<f64>,
+        files: Vec<(String, Bytes)>,
+        metrics: &mut MetricsLog,
+    ) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
+        if let Some(previous) = self.pending.take() {
+            self.finish_one(runtime, previous, metrics)?;
+        }
+        let store = match &self.store {
+            Some(store) => store.clone(),
+            None => {
+                let store = CheckpointStore::new(
+                    effnet_store::open(&self.url)
+                        .map_err(|e| Error::invalid("checkpoint.url", e.to_string()))?,
+                );
+                self.store = Some(store.clone());
+                store
+            }
+        };
+        let (keep_last, keep_best) = (self.keep_last, self.keep_best);
+        self.pending = Some(runtime.spawn(async move {
+            let stats = store.save(step, metric, files).await?;
+            let deleted = store.purge(keep_last, keep_best).await?;
+            Ok((stats, deleted))
+        }));
+        Ok(())
+    }
+
+    /// Log a save that finished in the background now, not when the next one starts: a run
+    /// killed before then still has its checkpoint in the log.
+    pub fn poll(&mut self, runtime: &tokio::runtime::Runtime, metrics: &mut MetricsLog) -> Result<()> {
+        if self.pending.as_ref().is_some_and(|save| save.is_finished())
+            && let Some(done) = self.pending.take()
+        {
+            self.finish_one(runtime, done, metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the save in flight.
+    pub fn finish(&mut self, runtime: &tokio::runtime::Runtime, metrics: &mut MetricsLog) -> Result<()> {
+        if let Some(previous) = self.pending.take() {
+            self.finish_one(runtime, previous, metrics)?;
+        }
+        Ok(())
+    }
+
+    /// The URL of the checkpoint of `step`.
+    pub fn url_of(&self, step: u64) -> String {
+        format!("{}/{}", self.url.trim_end_matches('/'), checkpoint::directory_name(step))
+    }
+
+    fn finish_one(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+        save: PendingSave,
+        metrics: &mut MetricsLog,
+    ) -> Result<()> {
+        let (stats, deleted) =
+            runtime.block_on(save).map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))??;
+        metrics.write(
+            "checkpoint",
+            json!({ "step": stats.step, "bytes": stats.bytes, "save_s": stats.seconds, "purged": deleted }),
+        )?;
+        self.saves.push(stats);
+        Ok(())
+    }
+}
