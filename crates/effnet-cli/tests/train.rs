@@ -181,6 +181,18 @@ fn check_validates_without_writing() {
     assert!(outcome.stdout.contains("96 training samples, 32 validation samples"), "{}", outcome.stdout);
     assert!(outcome.stdout.ends_with(": ok\n"), "{}", outcome.stdout);
     assert!(!job.dir.join("job").exists());
+
+    // A resolution the transforms refuse (above 4096) used to pass --check and fail only after
+    // job.json and metrics.jsonl were written: both now reject it and write nothing.
+    let text = std::fs::read_to_string(&job.yaml).unwrap().replace("resolution: 16", "resolution: 5000");
+    std::fs::write(&job.yaml, text).unwrap();
+    for args in [vec!["--check"], vec!["--progress", "never"]] {
+        let mut all = vec!["run", job.yaml.to_str().unwrap()];
+        all.extend(args);
+        let outcome = effnet(&all);
+        assert_bad_input(&outcome, &["model.resolution", "4096", "5000"]);
+        assert!(!job.dir.join("job").exists(), "a rejected job wrote {}", job.dir.join("job").display());
+    }
 }
 
 /// Write `yaml` as a job file and run it; it must fail with exit 2, one line naming `needles`,

@@ -1,8 +1,10 @@
 //! Helpers shared by the CLI integration tests.
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use effnet_data::prepare::encode_grey_png;
 use effnet_data::writer::{DatasetWriter, WriterOptions};
@@ -130,4 +132,50 @@ pub fn sample_keys_by_step(job_dir: &Path) -> std::collections::BTreeMap<u64, Ve
         }
     }
     by_step.into_iter().map(|(step, (_, keys))| (step, keys)).collect()
+}
+
+/// Start `effnet run` in its own process group, wait for the checkpoint of `step`, and SIGKILL
+/// the whole group (the launcher, mpirun and every rank).
+pub fn run_and_kill_after(yaml: &Path, checkpoints: &Path, step: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["run", yaml.to_str().unwrap(), "--progress", "never"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own group, so one kill reaches the launcher, mpirun and every rank.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let marker = checkpoints.join(format!("step-{step:08}/COMMIT"));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(Instant::now() < deadline, "no checkpoint at step {step}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let group = format!("-{}", child.id());
+    let killed = Command::new("kill").args(["-KILL", "--", &group]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.code().is_none(), "killed by a signal, not exited: {status:?}");
+    // No rank outlives the group (zombies, dead but not yet reaped, do not count).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while living_in_group(child.id()) > 0 {
+        assert!(Instant::now() < deadline, "ranks survived the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes of process group `group` that are not zombies, from /proc.
+fn living_in_group(group: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // pid (comm) state ppid pgrp ...: split after the command's closing parenthesis.
+            let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.len() > 2 && fields[2] == group.to_string() && fields[0] != "Z"
+        })
+        .count()
 }
