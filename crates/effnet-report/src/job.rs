@@ -237,7 +237,9 @@ pub fn load(dir: &Path) -> Result<JobReport> {
     let restarts = attempts.len().saturating_sub(1) as u64;
     let time_lost_s = attempts.iter().map(|a| a.lost_s).sum();
     let wall_s = attempts.iter().map(|a| a.wall_s).sum();
-    let finished = of("end").next().is_some() && steps_done >= total_steps;
+    // The trainer says whether the run reached its length (its planned step count is an upper
+    // bound: skipped samples can end an epoch a step early); older logs only have the count.
+    let finished = of("end").any(|end| end["finished"] == true || steps_done >= total_steps);
 
     // Throughput over every step record (redone steps too: they were trained).
     let mut throughput = Throughput::default();

@@ -239,8 +239,7 @@ impl<'a> Training<'a> {
         Ok(training)
     }
 
-    /// Every part with state, in restore order (the EMA restarts from the restored weights when
-    /// the checkpoint has none, so the network comes first).
+    /// Every part with state: what a checkpoint saves.
     fn stateful(&self) -> Vec<&dyn Stateful> {
         let mut parts: Vec<&dyn Stateful> = vec![&self.identity, &self.network, &self.optimizer];
         if let Some(averaged) = &self.averaged {
@@ -251,6 +250,9 @@ impl<'a> Training<'a> {
         parts
     }
 
+    /// Restore every part. The EMA restarts from the restored weights when the checkpoint has
+    /// none, so the network comes first; the identity last, so its warnings follow a load that
+    /// succeeded.
     fn load(&mut self, checkpoint: &CheckpointContent) -> Result<()> {
         self.network.load(checkpoint)?;
         self.optimizer.load(checkpoint)?;
@@ -333,6 +335,7 @@ impl<'a> Training<'a> {
                 step_started,
                 waited,
             )?;
+            self.checkpointer.poll(self.runtime, metrics)?;
             let last = self.progress.is_done(self.plan.length, epoch_samples);
             let step = self.progress.step;
             let evaluate = self.evaluator.due(
@@ -597,6 +600,7 @@ impl<'a> Training<'a> {
     }
 
     fn summarise(self, metrics: &mut MetricsLog, first_step: u64, started: Instant) -> Result<RunSummary> {
+        let finished = self.progress.is_done(self.plan.length, self.plan.train_samples);
         let train_s = self.totals.train_time.as_secs_f64();
         let fraction = |part: Duration| if train_s > 0.0 { part.as_secs_f64() / train_s } else { 0.0 };
         if self.world_size > 1 {
@@ -628,7 +632,12 @@ impl<'a> Training<'a> {
         if summary.rank == 0 {
             metrics.write(
                 "end",
-                json!({ "steps": summary.steps, "steps_this_attempt": summary.steps - first_step, "summary": &summary }),
+                json!({
+                    "steps": summary.steps,
+                    "steps_this_attempt": summary.steps - first_step,
+                    "finished": finished,
+                    "summary": &summary,
+                }),
             )?;
             let path = summary.plan.job_dir.join(SUMMARY_FILE);
             std::fs::write(&path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
