@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use common::{effnet, run_and_kill_after, synthetic_dataset_with_corrupt};
+use common::{effnet, run_and_kill_after, sample_lines, synthetic_dataset_with_corrupt};
 
 /// 1,006 samples in row groups of 16 (62 of 16 and one of 14), 3 of them corrupt: 1,003 good.
 /// Two ranks of batch 8 make a global batch of 16; 1,006 is no multiple of 2 × 8 × 16.
@@ -79,29 +79,6 @@ distributed:
     );
     std::fs::write(&yaml, text).unwrap();
     yaml
-}
-
-/// Every (attempt, step, rank, keys) line of the job's sample-key files.
-fn sample_lines(job_dir: &Path) -> Vec<(u64, u64, u64, Vec<String>)> {
-    let mut lines = Vec::new();
-    for entry in std::fs::read_dir(job_dir).unwrap() {
-        let path = entry.unwrap().path();
-        if !path.file_name().unwrap().to_str().unwrap().starts_with("samples-rank-") {
-            continue;
-        }
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
-            let value: serde_json::Value = serde_json::from_str(line).unwrap();
-            let keys =
-                value["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-            lines.push((
-                value["attempt"].as_u64().unwrap(),
-                value["step"].as_u64().unwrap(),
-                value["rank"].as_u64().unwrap(),
-                keys,
-            ));
-        }
-    }
-    lines
 }
 
 /// The metrics log's records of one type.

@@ -102,32 +102,46 @@ pub fn synthetic_dataset_with_corrupt(
     });
 }
 
-/// The sample keys every rank trained, by step, from the `samples-rank-*.jsonl` files of a job
-/// directory: each step's keys come from the latest attempt that logged that step (a resumed
-/// run redoes the steps after its checkpoint), all ranks together.
-pub fn sample_keys_by_step(job_dir: &Path) -> std::collections::BTreeMap<u64, Vec<String>> {
-    use std::collections::BTreeMap;
-    let mut by_step: BTreeMap<u64, (u64, Vec<String>)> = BTreeMap::new();
+/// Every (attempt, step, rank, keys) line of the job's sample-key files.
+pub fn sample_lines(job_dir: &Path) -> Vec<(u64, u64, u64, Vec<String>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(job_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("samples-rank-"))
         .collect();
+    // Rank order, so a step's keys are listed rank 0 first.
     files.sort();
-    assert!(!files.is_empty(), "no sample key files in {}", job_dir.display());
-    for file in files {
-        for line in std::fs::read_to_string(&file).unwrap().lines() {
+    let mut lines = Vec::new();
+    for path in files {
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
             let value: serde_json::Value = serde_json::from_str(line).unwrap();
-            let step = value["step"].as_u64().unwrap();
-            let attempt = value["attempt"].as_u64().unwrap();
-            let keys: Vec<String> =
+            let keys =
                 value["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-            match by_step.get_mut(&step) {
-                Some((seen, existing)) if *seen == attempt => existing.extend(keys),
-                Some((seen, _)) if *seen > attempt => {}
-                _ => {
-                    by_step.insert(step, (attempt, keys));
-                }
+            lines.push((
+                value["attempt"].as_u64().unwrap(),
+                value["step"].as_u64().unwrap(),
+                value["rank"].as_u64().unwrap(),
+                keys,
+            ));
+        }
+    }
+    lines
+}
+
+/// The sample keys every rank trained, by step, from the `samples-rank-*.jsonl` files of a job
+/// directory: each step's keys come from the latest attempt that logged that step (a resumed
+/// run redoes the steps after its checkpoint), all ranks together.
+pub fn sample_keys_by_step(job_dir: &Path) -> std::collections::BTreeMap<u64, Vec<String>> {
+    use std::collections::BTreeMap;
+    let lines = sample_lines(job_dir);
+    assert!(!lines.is_empty(), "no sample keys in {}", job_dir.display());
+    let mut by_step: BTreeMap<u64, (u64, Vec<String>)> = BTreeMap::new();
+    for (attempt, step, _, keys) in lines {
+        match by_step.get_mut(&step) {
+            Some((seen, existing)) if *seen == attempt => existing.extend(keys),
+            Some((seen, _)) if *seen > attempt => {}
+            _ => {
+                by_step.insert(step, (attempt, keys));
             }
         }
     }
