@@ -46,6 +46,8 @@ fn convert(error: &YamlError, path: String, source_name: &str, map: &SourceMap) 
         let column = usize::try_from(location.column()).ok()?;
         (line > 0).then_some(Position { line, column })
     });
+    // Without overrides the file's own position; with them, the place of the path found there.
+    let reported = reported.and_then(|position| map.reported(position));
     match error {
         YamlError::SerdeUnknownField { field, expected, .. } => {
             // The path may or may not already end in the unknown key, depending on where the

@@ -3,6 +3,9 @@
 //! processes are launched on this machine (`mpirun -n W effnet worker JOB.yaml` for MPI, or W
 //! processes with `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT` for NCCL).
 //!
+//! `--set key.path=value` (repeatable) overrides a setting of the job file; the launcher passes
+//! the same arguments to every worker, so all ranks read the same spec.
+//!
 //! `effnet worker JOB.yaml`: one rank of such a group, started by a launcher (mpirun, Slurm's
 //! srun, torchrun-style environment). Rank 0 writes the job directory and prints the summary.
 
@@ -11,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use effnet_config::JobSpec;
+use effnet_config::{JobSpec, Override};
 use effnet_train::{Launch, ResumeFrom, RunOptions, RunPlan, RunSummary};
 
 use crate::failure::{WorkersFailed, bad_input};
@@ -20,6 +23,11 @@ use crate::failure::{WorkersFailed, bad_input};
 pub struct RunArgs {
     /// The job file (YAML; every key is described in docs/config.md).
     job: PathBuf,
+    /// Override a setting of the job file: a dotted key and a YAML value, e.g.
+    /// `--set data.batch_size=32` or `--set 'data.augmentation={crop_scale: [0.5, 1.0]}'`.
+    /// Repeatable, applied in order; checked like the file.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Validate the job (spec, datasets, model, derived schedule) and print the plan, without
     /// training or writing anything.
     #[arg(long)]
@@ -55,7 +63,9 @@ pub fn worker(args: RunArgs) -> Result<()> {
 }
 
 fn train(args: RunArgs, launch: Launch) -> Result<()> {
-    let spec = JobSpec::load(&args.job)?;
+    let overrides =
+        args.set.iter().map(|argument| Override::parse(argument)).collect::<Result<Vec<_>, _>>()?;
+    let spec = JobSpec::load_with_overrides(&args.job, &overrides)?;
     if launch == Launch::Single && spec.distributed.workers > 1 && !args.check {
         // Reject a bad job here, in one line, before any worker starts.
         effnet_train::check(&spec)?;
@@ -101,9 +111,12 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
     Ok(())
 }
 
-/// The arguments a worker gets: the same job and resume choice.
+/// The arguments a worker gets: the same job, overrides and resume choice.
 fn worker_args(args: &RunArgs) -> Vec<String> {
     let mut out = vec!["worker".to_string(), args.job.display().to_string()];
+    for argument in &args.set {
+        out.extend(["--set".into(), argument.clone()]);
+    }
     if let Some(url) = &args.resume {
         out.extend(["--resume".into(), url.clone()]);
     }
