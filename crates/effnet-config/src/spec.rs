@@ -127,6 +127,13 @@ pub struct ModelConfig {
     /// better for few classes).
     pub classifier_init: ClassifierInit,
     pub drop_path: DropPathConfig,
+    /// Normalise with the batch statistics of every rank's samples (SyncBatchNorm; the
+    /// paper's TPU reference, timm's `--sync-bn`) instead of each rank's own. Costs two small
+    /// all-reduces per BatchNorm layer in forward and two in backward.
+    pub sync_batch_norm: bool,
+    /// Recompute each MBConv block's activations in backward instead of keeping them (timm's
+    /// `--grad-checkpointing`): less memory per sample, about one more forward pass of compute.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for ModelConfig {
@@ -145,6 +152,8 @@ impl Default for ModelConfig {
             batch_norm: BatchNormStyle::Torchvision,
             classifier_init: ClassifierInit::Uniform,
             drop_path: DropPathConfig::default(),
+            sync_batch_norm: false,
+            activation_checkpointing: false,
         }
     }
 }
@@ -547,6 +556,9 @@ pub struct DistributedConfig {
     pub gradient_dtype: GradientDtype,
     /// Collective-operation timeout, in seconds.
     pub timeout_s: f64,
+    /// All-reduce each gradient bucket as soon as backward has produced it, while backward goes
+    /// on with the rest (PyTorch DDP's overlap), instead of all of them after backward.
+    pub overlap: bool,
 }
 
 impl Default for DistributedConfig {
@@ -558,6 +570,7 @@ impl Default for DistributedConfig {
             bucket_mb: 25.0,
             gradient_dtype: GradientDtype::F32,
             timeout_s: 300.0,
+            overlap: true,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::error::ConfigError;
 use crate::locate::SourceMap;
 use crate::spec::{
     AugmentationConfig, Backend, DataConfig, Device, DropPathConfig, DropPathSchedule, JobSpec, ModelConfig,
-    OptimizerConfig, Precision, ScheduleConfig,
+    OptimizerConfig, ScheduleConfig,
 };
 
 type Check = Result<(), ConfigError>;
@@ -233,9 +233,6 @@ impl Checker<'_> {
             ("training.steps", training.steps.is_some()),
         )?;
         self.optional_number("training.epochs", training.epochs, Exclusive(0.0), Open)?;
-        if training.precision == Precision::Bf16 && spec.distributed.device != Device::Cuda {
-            return Err(self.fail("training.precision", "bf16 needs distributed.device: cuda"));
-        }
         self.number("training.ema.decay", training.ema.decay, Exclusive(0.0), Exclusive(1.0))
     }
 

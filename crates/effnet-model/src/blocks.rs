@@ -10,6 +10,7 @@ use tch::{Tensor, nn, nn::Module, nn::ModuleT};
 
 use crate::config::{BatchNormParams, BlockConfig};
 use crate::error::{Error, Result};
+use crate::hooks::{BatchNormTensors, CrossReplica, Pass};
 
 /// Stochastic depth ("drop path", Huang et al. 2016) in row mode: each sample's residual branch
 /// is zeroed with probability `p` and the survivors are scaled by `1/(1-p)`, so the expected
@@ -68,7 +69,7 @@ impl DropPathMultiplier {
 }
 
 /// Module form of [`stochastic_depth`]: a fixed per-block rate times the shared multiplier.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DropPath {
     rate: f64,
     multiplier: DropPathMultiplier,
@@ -155,9 +156,63 @@ impl ConvBnAct {
     }
 }
 
+impl ConvBnAct {
+    /// Shallow copies of the layer's tensors with its settings, for a computation that must own
+    /// them (a recomputed block).
+    pub(crate) fn tensors(&self) -> ConvBnTensors {
+        ConvBnTensors {
+            weight: self.conv.ws.shallow_clone(),
+            stride: self.stride as i64,
+            padding: ((self.kernel - 1) / 2) as i64,
+            groups: self.groups as i64,
+            bn: BatchNormTensors {
+                weight: self.bn.ws.as_ref().map(Tensor::shallow_clone),
+                bias: self.bn.bs.as_ref().map(Tensor::shallow_clone),
+                running_mean: self.bn.running_mean.shallow_clone(),
+                running_var: self.bn.running_var.shallow_clone(),
+                eps: self.batch_norm.eps,
+                momentum: self.batch_norm.momentum,
+            },
+            activation: self.activation,
+        }
+    }
+}
+
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = xs.apply(&self.conv).apply_t(&self.bn, train);
+        self.tensors().forward(xs, train, Pass::Forward, None)
+    }
+}
+
+/// A [`ConvBnAct`]'s computation on tensors it owns (shallow copies of the layer's variables).
+pub(crate) struct ConvBnTensors {
+    weight: Tensor,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+    bn: BatchNormTensors,
+    activation: bool,
+}
+
+impl ConvBnTensors {
+    /// Convolution (no bias), BatchNorm (statistics across ranks with `cross_replica`, running
+    /// statistics updated only in [`Pass::Forward`]) and SiLU.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        pass: Pass,
+        cross_replica: Option<&dyn CrossReplica>,
+    ) -> Tensor {
+        let ys = xs.conv2d(
+            &self.weight,
+            None::<Tensor>,
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            self.groups,
+        );
+        let ys = self.bn.forward(&ys, train, pass == Pass::Forward, cross_replica);
         if self.activation { ys.silu() } else { ys }
     }
 }
@@ -222,7 +277,29 @@ impl SqueezeExcitation {
 
 impl Module for SqueezeExcitation {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let scale = xs.adaptive_avg_pool2d([1, 1]).apply(&self.fc1).silu().apply(&self.fc2).sigmoid();
+        self.tensors().forward(xs)
+    }
+}
+
+impl SqueezeExcitation {
+    fn tensors(&self) -> SqueezeTensors {
+        let pair = |conv: &nn::Conv2D| (conv.ws.shallow_clone(), conv.bs.as_ref().map(Tensor::shallow_clone));
+        SqueezeTensors { fc1: pair(&self.fc1), fc2: pair(&self.fc2) }
+    }
+}
+
+struct SqueezeTensors {
+    fc1: (Tensor, Option<Tensor>),
+    fc2: (Tensor, Option<Tensor>),
+}
+
+impl SqueezeTensors {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let one_by_one = |xs: &Tensor, (weight, bias): &(Tensor, Option<Tensor>)| {
+            xs.conv2d(weight, bias.as_ref(), [1, 1], [0, 0], [1, 1], 1)
+        };
+        let scale =
+            one_by_one(&one_by_one(&xs.adaptive_avg_pool2d([1, 1]), &self.fc1).silu(), &self.fc2).sigmoid();
         xs * scale
     }
 }
@@ -312,15 +389,53 @@ impl MBConv {
     }
 }
 
+impl MBConv {
+    /// The block's computation on shallow copies of its tensors: what a recomputed block owns.
+    pub fn tensors(&self) -> BlockTensors {
+        BlockTensors {
+            expand: self.expand.as_ref().map(ConvBnAct::tensors),
+            depthwise: self.depthwise.tensors(),
+            se: self.se.tensors(),
+            project: self.project.tensors(),
+            drop_path: self.drop_path.clone(),
+        }
+    }
+}
+
 impl ModuleT for MBConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.tensors().forward(xs, train, Pass::Forward, None)
+    }
+}
+
+/// An [`MBConv`] block's computation on tensors it owns (shallow copies sharing storage and
+/// gradients with the block's variables), so it can outlive a borrow of the network: activation
+/// checkpointing reruns it in backward.
+pub struct BlockTensors {
+    expand: Option<ConvBnTensors>,
+    depthwise: ConvBnTensors,
+    se: SqueezeTensors,
+    project: ConvBnTensors,
+    drop_path: Option<DropPath>,
+}
+
+impl BlockTensors {
+    /// The block's output; BatchNorm across ranks with `cross_replica`, and running statistics
+    /// updated only in [`Pass::Forward`].
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        pass: Pass,
+        cross_replica: Option<&dyn CrossReplica>,
+    ) -> Tensor {
         let mut ys = match &self.expand {
-            Some(expand) => xs.apply_t(expand, train),
+            Some(expand) => expand.forward(xs, train, pass, cross_replica),
             None => xs.shallow_clone(),
         };
-        ys = ys.apply_t(&self.depthwise, train);
-        ys = ys.apply(&self.se);
-        ys = ys.apply_t(&self.project, train);
+        ys = self.depthwise.forward(&ys, train, pass, cross_replica);
+        ys = self.se.forward(&ys);
+        ys = self.project.forward(&ys, train, pass, cross_replica);
         match &self.drop_path {
             Some(drop_path) => ys.apply_t(drop_path, train) + xs,
             None => ys,

@@ -9,6 +9,7 @@ use tch::{Tensor, nn, nn::ModuleT};
 use crate::blocks::{ConvBnAct, ConvShape, DropPathMultiplier, MBConv};
 use crate::config::{Architecture, ClassifierInit, EfficientNetConfig};
 use crate::error::Result;
+use crate::hooks::{ForwardHooks, Pass};
 
 #[derive(Debug)]
 pub struct EfficientNet {
@@ -19,6 +20,7 @@ pub struct EfficientNet {
     head: ConvBnAct,
     classifier: nn::Linear,
     drop_path_multiplier: DropPathMultiplier,
+    hooks: ForwardHooks,
 }
 
 impl EfficientNet {
@@ -78,7 +80,15 @@ impl EfficientNet {
             architecture.classes as i64,
             nn::LinearConfig { ws_init, bs_init: Some(nn::Init::Const(0.0)), bias: true },
         );
-        Ok(EfficientNet { architecture, stem, stages, head, classifier, drop_path_multiplier })
+        Ok(EfficientNet {
+            architecture,
+            stem,
+            stages,
+            head,
+            classifier,
+            drop_path_multiplier,
+            hooks: ForwardHooks::default(),
+        })
     }
 
     pub fn architecture(&self) -> &Architecture {
@@ -147,13 +157,39 @@ impl EfficientNet {
         total
     }
 
+    /// Run the training forward pass with `hooks`: SyncBatchNorm when it has a cross-replica
+    /// sum, activation checkpointing of every MBConv block when it has a recompute. Evaluation
+    /// (`train = false`) uses neither.
+    pub fn set_hooks(&mut self, hooks: ForwardHooks) {
+        self.hooks = hooks;
+    }
+
+    pub fn hooks(&self) -> &ForwardHooks {
+        &self.hooks
+    }
+
     /// Pooled features before dropout and the classifier.
     pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut ys = xs.apply_t(&self.stem, train);
+        let cross_replica = if train { self.hooks.cross_replica.as_deref() } else { None };
+        let mut ys = self.stem.tensors().forward(xs, train, Pass::Forward, cross_replica);
         for block in self.blocks() {
-            ys = ys.apply_t(block, train);
+            let tensors = block.tensors();
+            ys = match (&self.hooks.recompute, train) {
+                (Some(recompute), true) => {
+                    let cross_replica = self.hooks.cross_replica.clone();
+                    recompute.checkpoint(
+                        &ys,
+                        Box::new(move |xs, pass| tensors.forward(xs, true, pass, cross_replica.as_deref())),
+                    )
+                }
+                _ => tensors.forward(&ys, train, Pass::Forward, cross_replica),
+            };
         }
-        ys.apply_t(&self.head, train).adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+        self.head
+            .tensors()
+            .forward(&ys, train, Pass::Forward, cross_replica)
+            .adaptive_avg_pool2d([1, 1])
+            .flatten(1, -1)
     }
 }
 

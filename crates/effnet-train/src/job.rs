@@ -198,12 +198,6 @@ fn planned_steps(
 
 /// Validate a job and derive its plan. Nothing is written.
 pub async fn prepare(spec: &JobSpec) -> Result<Prepared> {
-    if spec.training.precision == effnet_config::Precision::Bf16 {
-        return Err(Error::invalid(
-            "training.precision",
-            "bf16 autocast is not available in this build; use fp32",
-        ));
-    }
     let train_transform = Transform::Train(train_transform(spec)?);
     let eval_transform = eval_transform(spec)?;
     let train = open_dataset("data.train", &spec.data.train).await?;

@@ -16,10 +16,12 @@
 //!   evaluations and `effnet eval`.
 //! - Below them: [`checkpoint`] (`step-NNNNNNNN/` + `COMMIT` in any store), [`state`]
 //!   (`state.json`), [`tensors`] (safetensors, batch tensors), [`amp`] (bf16 autocast and
-//!   channels_last through a small C++ shim), [`sync`] (collectives on tensors), [`metrics`]
+//!   channels_last through a small C++ shim), [`autograd`] (autograd functions calling back
+//!   into Rust, post-accumulate-grad hooks, CUDA memory, from the same shim), [`sync`] (collectives on tensors), [`metrics`]
 //!   (the job directory's logs).
 
 pub mod amp;
+pub mod autograd;
 pub mod checkpoint;
 pub mod checkpointer;
 pub mod ema;
