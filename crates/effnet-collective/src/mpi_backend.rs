@@ -73,8 +73,15 @@ impl Mpi {
     /// launched ranks; a process started on its own is a world of one.
     pub fn init(timeout: Duration) -> Result<Mpi> {
         let unavailable = |reason: String| Error::Unavailable { backend: Backend::Mpi, reason };
-        let (universe, _threading) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+        // Serialized: the trainer's communication thread makes the calls during a step (while
+        // the main thread computes and makes none), the main thread between steps.
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or_else(|| unavailable("MPI was already initialised in this process".into()))?;
+        if matches!(threading, mpi::Threading::Single | mpi::Threading::Funneled) {
+            return Err(unavailable(format!(
+                "this MPI library offers thread level {threading:?}; the trainer needs Serialized"
+            )));
+        }
         let world = universe.world();
         let comm = world.as_raw();
         // SAFETY: MPI_Op is a plain handle; MPI_Op_create overwrites it.

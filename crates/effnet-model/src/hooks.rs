@@ -126,13 +126,15 @@ impl BatchNormTensors {
         let centred = &x - mean.view([1, channels, 1, 1]);
         let variance =
             reducer.sum(&centred.square().sum_dim_intlist(dims.as_slice(), false, Kind::Float)) / count;
-        let mut ys = centred * (&variance + self.eps).rsqrt().view([1, channels, 1, 1]);
-        if let Some(weight) = &self.weight {
-            ys = ys * weight.to_kind(Kind::Float).view([1, channels, 1, 1]);
-        }
-        if let Some(bias) = &self.bias {
-            ys = ys + bias.to_kind(Kind::Float).view([1, channels, 1, 1]);
-        }
+        let normalised = centred * (&variance + self.eps).rsqrt().view([1, channels, 1, 1]);
+        let scaled = match &self.weight {
+            Some(weight) => normalised * weight.to_kind(Kind::Float).view([1, channels, 1, 1]),
+            None => normalised,
+        };
+        let ys = match &self.bias {
+            Some(bias) => scaled + bias.to_kind(Kind::Float).view([1, channels, 1, 1]),
+            None => scaled,
+        };
         if update {
             tch::no_grad(|| {
                 let unbiased =

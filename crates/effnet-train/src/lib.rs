@@ -28,6 +28,7 @@ pub mod ema;
 pub mod error;
 pub mod evaluate;
 pub mod feed;
+pub mod hooks;
 pub mod job;
 pub mod metrics;
 pub mod network;

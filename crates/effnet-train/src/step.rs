@@ -8,14 +8,19 @@
 
 use std::time::Duration;
 
-use effnet_config::JobSpec;
-use tch::{Reduction, Tensor};
+use std::sync::Arc;
 
+use effnet_config::JobSpec;
+use effnet_vision::BatchParts;
+use tch::{Kind, Reduction, Tensor};
+
+use crate::autograd;
 use crate::error::{Error, Result};
 use crate::feed::StepInput;
+use crate::hooks::SyncBatchNorm;
 use crate::network::{Averaged, Network};
 use crate::optim::Optimizer;
-use crate::sync::DataParallel;
+use crate::sync::{Buckets, DataParallel, OverlappedSum};
 use crate::tensors::batch_tensors;
 
 /// What a step did, summed over the ranks.
@@ -41,6 +46,14 @@ pub struct TrainStep {
     pub accumulate: u64,
     pub label_smoothing: f64,
     pub grad_clip_norm: Option<f64>,
+    /// `[channels, height, width]` of one input image (the shape of an empty micro-batch).
+    pub input_shape: [i64; 3],
+    /// Gradient buckets all-reduced while backward runs (`distributed.overlap`, several ranks).
+    pub overlap: Option<Buckets>,
+    /// SyncBatchNorm's link to the step's communication thread (`model.sync_batch_norm`, several
+    /// ranks). Every rank then runs `accumulate` forward passes per step, empty ones included,
+    /// so the ranks' statistics sums pair up.
+    pub sync_batch_norm: Option<Arc<SyncBatchNorm>>,
 }
 
 /// The seed of libtorch's generator (drop path, dropout) for one micro-batch of one step, and
@@ -50,13 +63,16 @@ pub fn step_seed(seed: u64, step: u64, micro: u64) -> i64 {
 }
 
 impl TrainStep {
-    pub fn from_config(spec: &JobSpec, rank: usize) -> TrainStep {
+    pub fn from_config(spec: &JobSpec, rank: usize, input_shape: [i64; 3]) -> TrainStep {
         TrainStep {
             seed: spec.seed,
             rank: rank as u64,
             accumulate: spec.optimizer.accumulate_steps as u64,
             label_smoothing: spec.optimizer.label_smoothing,
             grad_clip_norm: spec.optimizer.grad_clip_norm,
+            input_shape,
+            overlap: None,
+            sync_batch_norm: None,
         }
     }
 
@@ -72,42 +88,48 @@ impl TrainStep {
         averaged: Option<&mut Averaged>,
         parallel: Option<&mut DataParallel>,
     ) -> Result<StepOutcome> {
-        let mut loss_sum = 0.0;
-        for (micro, batch) in input.batches.iter().enumerate() {
-            // Rank r's micro-batch m is micro-batch r·accumulate + m of the global step: one
-            // process accumulating the same batches draws the same drop-path and dropout masks.
-            tch::manual_seed(step_seed(self.seed, step, self.rank * self.accumulate + micro as u64));
-            let tensors = batch_tensors(batch, network.precision.device)?;
-            let logits = network.forward(&tensors.images, true)?;
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &tensors.labels,
-                None,
-                Reduction::Sum,
-                -100,
-                self.label_smoothing,
-            );
-            loss.backward();
-            loss_sum += loss.double_value(&[]);
-        }
         let local_samples = input.samples();
-        let mut totals =
-            [loss_sum, local_samples as f64, input.skipped.len() as f64, f64::from(input.share_done)];
+        let parameters = optimizer.parameters();
         let mut comm = Duration::ZERO;
-        let ranks = match parallel {
+        let (loss_sum, totals_ranks) = match parallel {
             Some(parallel) => {
+                let overlapped = self.overlap.is_some() || self.sync_batch_norm.is_some();
+                let loss_sum = if overlapped {
+                    parallel.with_comm_thread(|queue| -> Result<f64> {
+                        let _attached = self.sync_batch_norm.as_ref().map(|sync| sync.attach(queue));
+                        let summed = self.overlap.as_ref().map(|b| OverlappedSum::new(queue, &parameters, b));
+                        let loss_sum =
+                            self.forward_backward(step, input, network, &parameters, summed.as_ref())?;
+                        if let Some(summed) = summed {
+                            if local_samples == 0 {
+                                network.define_gradients();
+                            }
+                            summed.finish()?;
+                        }
+                        Ok(loss_sum)
+                    })?
+                } else {
+                    self.forward_backward(step, input, network, &parameters, None)?
+                };
+                let mut totals =
+                    [loss_sum, local_samples as f64, input.skipped.len() as f64, f64::from(input.share_done)];
                 parallel.sum(&mut totals)?;
-                if totals[1] > 0.0 {
+                if totals[1] > 0.0 && self.overlap.is_none() {
                     if local_samples == 0 {
                         network.define_gradients();
                     }
-                    parallel.sum_gradients(&optimizer.parameters())?;
+                    parallel.sum_gradients(&parameters)?;
                 }
                 comm = parallel.take_comm_time();
-                parallel.world_size()
+                (totals, parallel.world_size())
             }
-            None => 1,
+            None => {
+                let loss_sum = self.forward_backward(step, input, network, &parameters, None)?;
+                ([loss_sum, local_samples as f64, input.skipped.len() as f64, f64::from(input.share_done)], 1)
+            }
         };
-        let [loss_total, samples, skipped, done] = totals;
+        let ranks = totals_ranks;
+        let [loss_total, samples, skipped, done] = loss_sum;
         let outcome = StepOutcome {
             samples: samples as u64,
             skipped: skipped as u64,
@@ -137,5 +159,57 @@ impl TrainStep {
             )));
         }
         Ok(outcome)
+    }
+
+    /// Forward and backward of this rank's micro-batches; the summed loss. With `overlap`, the
+    /// last backward reports each finished gradient to it.
+    fn forward_backward(
+        &self,
+        step: u64,
+        input: &StepInput,
+        network: &Network,
+        parameters: &[(String, Tensor)],
+        overlap: Option<&OverlappedSum<'_>>,
+    ) -> Result<f64> {
+        let device = network.precision.device;
+        let mut micro_batches: Vec<Option<&BatchParts>> = input.batches.iter().map(Some).collect();
+        if self.sync_batch_norm.is_some() {
+            micro_batches.resize(self.accumulate.max(micro_batches.len() as u64) as usize, None);
+        }
+        let last = micro_batches.len().saturating_sub(1);
+        let mut loss_sum = 0.0;
+        for (micro, batch) in micro_batches.into_iter().enumerate() {
+            // Rank r's micro-batch m is micro-batch r·accumulate + m of the global step: one
+            // process accumulating the same batches draws the same drop-path and dropout masks.
+            tch::manual_seed(step_seed(self.seed, step, self.rank * self.accumulate + micro as u64));
+            let tensors = batch.map(|b| batch_tensors(b, device)).transpose()?;
+            let empty;
+            let (images, labels) = match &tensors {
+                Some(t) => (&t.images, &t.labels),
+                None => {
+                    let [c, h, w] = self.input_shape;
+                    empty = (
+                        Tensor::zeros([0, c, h, w], (Kind::Float, device)),
+                        Tensor::zeros([0], (Kind::Int64, device)),
+                    );
+                    (&empty.0, &empty.1)
+                }
+            };
+            let logits = network.forward(images, true)?;
+            crate::hooks::check(self.sync_batch_norm.as_deref())?;
+            let loss =
+                logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, -100, self.label_smoothing);
+            match overlap {
+                Some(summed) if micro == last => {
+                    let trainable: Vec<&Tensor> = parameters.iter().map(|(_, t)| t).collect();
+                    let hook = |index: usize| summed.ready(index);
+                    autograd::with_post_accumulate_hooks(&trainable, &hook, || loss.f_backward())??;
+                }
+                _ => loss.f_backward()?,
+            }
+            crate::hooks::check(self.sync_batch_norm.as_deref())?;
+            loss_sum += loss.double_value(&[]);
+        }
+        Ok(loss_sum)
     }
 }

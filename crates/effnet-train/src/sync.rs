@@ -13,6 +13,7 @@
 //! Host-memory backends (MPI) get CPU tensors' storage; device backends (NCCL) get CUDA device
 //! pointers of tensors on the backend's GPU.
 
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use effnet_collective::{Buffer, Collective, DType, DeviceBuffer, HostBuffer, ReduceOp};
@@ -26,6 +27,22 @@ pub enum GradientDtype {
     F32,
     /// Half the bytes; each bucket is rounded to bf16 before the sum and summed in f32 per pair.
     Bf16,
+}
+
+impl GradientDtype {
+    fn bytes(self) -> usize {
+        match self {
+            GradientDtype::F32 => 4,
+            GradientDtype::Bf16 => 2,
+        }
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            GradientDtype::F32 => Kind::Float,
+            GradientDtype::Bf16 => Kind::BFloat16,
+        }
+    }
 }
 
 pub struct DataParallel {
@@ -75,48 +92,10 @@ impl DataParallel {
         tensor: &Tensor,
         call: impl FnOnce(&dyn Collective, Buffer<'_>) -> effnet_collective::Result<()>,
     ) -> Result<()> {
-        let dtype = match tensor.kind() {
-            Kind::Float => DType::F32,
-            Kind::Double => DType::F64,
-            Kind::BFloat16 => DType::Bf16,
-            other => return Err(Error::Internal(format!("cannot all-reduce {other:?} tensors"))),
-        };
-        if !tensor.is_contiguous() {
-            return Err(Error::Internal("collective on a non-contiguous tensor".into()));
-        }
-        let len = tensor.numel();
-        if len == 0 {
-            return Ok(());
-        }
-        let ptr = tensor.data_ptr();
         let started = Instant::now();
-        let result = match (self.collective.cuda_device(), tensor.device()) {
-            (Some(device), Device::Cuda(index)) if index as i32 == device => call(
-                self.collective.as_ref(),
-                Buffer::Device(DeviceBuffer { ptr: ptr as u64, len, dtype, device }),
-            ),
-            (None, Device::Cpu) => {
-                // SAFETY: a contiguous CPU tensor of `len` elements of `dtype`, alive for this call
-                // and not aliased by any other Rust reference while the collective runs.
-                let host = unsafe {
-                    match dtype {
-                        DType::F32 => HostBuffer::F32(std::slice::from_raw_parts_mut(ptr as *mut f32, len)),
-                        DType::F64 => HostBuffer::F64(std::slice::from_raw_parts_mut(ptr as *mut f64, len)),
-                        DType::Bf16 => HostBuffer::Bf16(std::slice::from_raw_parts_mut(ptr as *mut u16, len)),
-                    }
-                };
-                call(self.collective.as_ref(), Buffer::Host(host))
-            }
-            (want, got) => {
-                return Err(Error::Internal(format!(
-                    "the {} backend needs tensors on {}, got one on {got:?}",
-                    self.collective.backend(),
-                    want.map(|d| format!("cuda:{d}")).unwrap_or_else(|| "the CPU".into())
-                )));
-            }
-        };
+        let result = on_tensor(self.collective.as_ref(), tensor, call);
         self.comm += started.elapsed();
-        result.map_err(collective_error)
+        result
     }
 
     /// The device collectives run on: the model's for NCCL, the CPU for MPI.
@@ -162,15 +141,9 @@ impl DataParallel {
                 if g.defined() { (g, true) } else { (p.zeros_like(), false) }
             })
             .collect();
-        let element_bytes = match self.gradient_dtype {
-            GradientDtype::F32 => 4,
-            GradientDtype::Bf16 => 2,
-        };
+        let element_bytes = self.gradient_dtype.bytes();
         let device = self.comm_device();
-        let kind = match self.gradient_dtype {
-            GradientDtype::F32 => Kind::Float,
-            GradientDtype::Bf16 => Kind::BFloat16,
-        };
+        let kind = self.gradient_dtype.kind();
         let mut start = 0;
         while start < grads.len() {
             let mut end = start;
@@ -271,6 +244,285 @@ impl DataParallel {
     pub fn abort(&self, code: i32) {
         self.collective.abort(code);
     }
+
+    /// Run `f` with a communication thread that owns the collective meanwhile: what `f` sends
+    /// through the [`CommQueue`] (SyncBatchNorm's sums from forward and backward, gradient
+    /// buckets launched from backward hooks) is reduced there, in the order sent, while `f` goes
+    /// on computing. Every rank must send the same reductions in the same order. The thread's
+    /// busy time counts as communication time.
+    pub fn with_comm_thread<T>(&mut self, f: impl FnOnce(&CommQueue) -> T) -> T {
+        let (sender, receiver) = mpsc::channel::<Message>();
+        let device = self.comm_device();
+        let collective: &mut dyn Collective = self.collective.as_mut();
+        let (output, busy) = std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let collective: &dyn Collective = collective;
+                let mut busy = Duration::ZERO;
+                while let Ok(Message::Reduce { tensor, op, reply }) = receiver.recv() {
+                    let started = Instant::now();
+                    let result =
+                        on_tensor(collective, &tensor, |c, buffer| c.all_reduce(buffer, op)).map(|()| tensor);
+                    busy += started.elapsed();
+                    let _ = reply.send(result);
+                }
+                busy
+            });
+            let queue = CommQueue { sender: sender.clone(), device };
+            let output = f(&queue);
+            // Closures kept by an autograd graph may hold the queue: stop by message, not by
+            // the last sender going away.
+            let _ = sender.send(Message::Stop);
+            (output, worker.join().unwrap_or_default())
+        });
+        self.comm += busy;
+        output
+    }
+
+    /// The trainable parameters split into buckets of about `distributed.bucket_mb` for
+    /// [`OverlappedSum`], in the reverse of `registration` order (the order the model creates
+    /// them: stem first), so the buckets whose gradients backward produces first come first.
+    /// `parameters` and `registration` hold the same tensors.
+    pub fn buckets(&self, parameters: &[(String, Tensor)], registration: &[&Tensor]) -> Buckets {
+        let position: std::collections::HashMap<usize, usize> =
+            registration.iter().enumerate().map(|(i, t)| (t.data_ptr() as usize, i)).collect();
+        let mut order: Vec<usize> = (0..parameters.len()).collect();
+        order.sort_by_key(|&i| {
+            std::cmp::Reverse(position.get(&(parameters[i].1.data_ptr() as usize)).copied())
+        });
+        let element_bytes = self.gradient_dtype.bytes();
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut bytes = 0;
+        for index in order {
+            let size = parameters[index].1.numel() * element_bytes;
+            match buckets.last_mut() {
+                Some(bucket) if bytes + size <= self.bucket_bytes => {
+                    bucket.push(index);
+                    bytes += size;
+                }
+                _ => {
+                    buckets.push(vec![index]);
+                    bytes = size;
+                }
+            }
+        }
+        let mut of_parameter = vec![0; parameters.len()];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for &i in bucket {
+                of_parameter[i] = b;
+            }
+        }
+        Buckets { buckets, of_parameter, kind: self.gradient_dtype.kind() }
+    }
+}
+
+enum Message {
+    Reduce { tensor: Tensor, op: ReduceOp, reply: mpsc::Sender<Result<Tensor>> },
+    Stop,
+}
+
+/// Sends reductions to the communication thread of [`DataParallel::with_comm_thread`].
+#[derive(Clone)]
+pub struct CommQueue {
+    sender: mpsc::Sender<Message>,
+    /// Where the backend reduces: the model's CUDA device for NCCL, the CPU for MPI.
+    device: Device,
+}
+
+/// A reduction under way.
+pub struct Pending(mpsc::Receiver<Result<Tensor>>);
+
+impl Pending {
+    /// The reduced tensor, once the communication thread has it.
+    pub fn wait(self) -> Result<Tensor> {
+        self.0.recv().map_err(|_| Error::Collective("the communication thread stopped".into()))?
+    }
+}
+
+impl CommQueue {
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Start the all-reduce of `tensor` (moved to the backend's device and made contiguous; a
+    /// copy when it is already there, so the caller's tensor is never written).
+    pub fn start(&self, tensor: &Tensor, op: ReduceOp) -> Pending {
+        let tensor = tch::no_grad(|| {
+            let moved = tensor.to_device(self.device).contiguous();
+            if moved.data_ptr() == tensor.data_ptr() { moved.copy() } else { moved }
+        });
+        let (reply, receiver) = mpsc::channel();
+        if let Err(mpsc::SendError(Message::Reduce { reply, .. })) =
+            self.sender.send(Message::Reduce { tensor, op, reply })
+        {
+            let _ = reply.send(Err(Error::Collective("the communication thread stopped".into())));
+        }
+        Pending(receiver)
+    }
+
+    /// The all-reduce of `tensor`, waited for.
+    pub fn reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.start(tensor, op).wait()
+    }
+}
+
+/// Gradient buckets: parameter indices per bucket in launch order, and each parameter's bucket.
+pub struct Buckets {
+    buckets: Vec<Vec<usize>>,
+    of_parameter: Vec<usize>,
+    kind: Kind,
+}
+
+impl Buckets {
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+struct OverlapState {
+    /// Gradients each bucket still waits for.
+    waiting: Vec<usize>,
+    /// The next bucket to launch: buckets go out strictly in order, so every rank launches the
+    /// same all-reduces in the same order whatever order its hooks fire in.
+    next: usize,
+    launched: Vec<Pending>,
+    /// Shallow copies of the parameters (here, under the lock: tensors are not `Sync`, and on
+    /// CUDA hooks run on libtorch's device thread).
+    parameters: Vec<Tensor>,
+}
+
+/// The gradient sum overlapped with backward (PyTorch DDP's Reducer): each parameter's
+/// post-accumulate-grad hook calls [`OverlappedSum::ready`]; a bucket whose gradients are all
+/// there is packed and its all-reduce started on the communication thread while backward goes
+/// on; [`OverlappedSum::finish`] launches what is left (gradients a rank never produced count as
+/// zeros), waits, and writes the sums back.
+pub struct OverlappedSum<'a> {
+    queue: &'a CommQueue,
+    buckets: &'a Buckets,
+    state: std::sync::Mutex<OverlapState>,
+}
+
+impl<'a> OverlappedSum<'a> {
+    pub fn new(queue: &'a CommQueue, parameters: &'a [(String, Tensor)], buckets: &'a Buckets) -> Self {
+        let waiting = buckets.buckets.iter().map(Vec::len).collect();
+        let parameters = parameters.iter().map(|(_, t)| t.shallow_clone()).collect();
+        OverlappedSum {
+            queue,
+            buckets,
+            state: std::sync::Mutex::new(OverlapState { waiting, next: 0, launched: Vec::new(), parameters }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OverlapState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The gradient of parameter `index` is complete.
+    pub fn ready(&self, index: usize) {
+        let mut state = self.lock();
+        let bucket = self.buckets.of_parameter[index];
+        state.waiting[bucket] = state.waiting[bucket].saturating_sub(1);
+        self.launch_ready(&mut state);
+    }
+
+    fn launch_ready(&self, state: &mut OverlapState) {
+        while state.next < self.buckets.len() && state.waiting[state.next] == 0 {
+            let flat = self.pack(&state.parameters, state.next);
+            state.launched.push(self.queue.start(&flat, ReduceOp::Sum));
+            state.next += 1;
+        }
+    }
+
+    fn pack(&self, parameters: &[Tensor], bucket: usize) -> Tensor {
+        let device = self.queue.device;
+        tch::no_grad(|| {
+            let parts: Vec<Tensor> = self.buckets.buckets[bucket]
+                .iter()
+                .map(|&i| {
+                    let parameter = &parameters[i];
+                    let grad = parameter.grad();
+                    let grad = if grad.defined() { grad } else { parameter.zeros_like() };
+                    grad.reshape([-1]).to_device(device).to_kind(self.buckets.kind)
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        })
+    }
+
+    /// Launch the buckets not launched yet, wait for every sum and write it back into the
+    /// gradients (parameters without one stay without one).
+    pub fn finish(self) -> Result<()> {
+        let (launched, parameters) = {
+            let mut state = self.lock();
+            state.waiting.iter_mut().for_each(|w| *w = 0);
+            self.launch_ready(&mut state);
+            (std::mem::take(&mut state.launched), std::mem::take(&mut state.parameters))
+        };
+        for (bucket, pending) in launched.into_iter().enumerate() {
+            let flat = pending.wait()?;
+            let grads: Vec<(Tensor, bool)> = self.buckets.buckets[bucket]
+                .iter()
+                .map(|&i| {
+                    let parameter = &parameters[i];
+                    let grad = parameter.grad();
+                    if grad.defined() { (grad, true) } else { (parameter.zeros_like(), false) }
+                })
+                .collect();
+            let targets: Vec<&Tensor> = grads.iter().map(|(g, _)| g).collect();
+            write_back(&targets, &flat);
+        }
+        Ok(())
+    }
+}
+
+/// Run one collective on a contiguous tensor of the backend's memory kind.
+fn on_tensor(
+    collective: &dyn Collective,
+    tensor: &Tensor,
+    call: impl FnOnce(&dyn Collective, Buffer<'_>) -> effnet_collective::Result<()>,
+) -> Result<()> {
+    let dtype = match tensor.kind() {
+        Kind::Float => DType::F32,
+        Kind::Double => DType::F64,
+        Kind::BFloat16 => DType::Bf16,
+        other => return Err(Error::Internal(format!("cannot all-reduce {other:?} tensors"))),
+    };
+    if !tensor.is_contiguous() {
+        return Err(Error::Internal("collective on a non-contiguous tensor".into()));
+    }
+    let len = tensor.numel();
+    if len == 0 {
+        return Ok(());
+    }
+    let ptr = tensor.data_ptr();
+    let result = match (collective.cuda_device(), tensor.device()) {
+        (Some(device), Device::Cuda(index)) if index as i32 == device => {
+            call(collective, Buffer::Device(DeviceBuffer { ptr: ptr as u64, len, dtype, device }))
+        }
+        (None, Device::Cpu) => {
+            // SAFETY: a contiguous CPU tensor of `len` elements of `dtype`, alive for this call
+            // and not aliased by any other Rust reference while the collective runs.
+            let host = unsafe {
+                match dtype {
+                    DType::F32 => HostBuffer::F32(std::slice::from_raw_parts_mut(ptr as *mut f32, len)),
+                    DType::F64 => HostBuffer::F64(std::slice::from_raw_parts_mut(ptr as *mut f64, len)),
+                    DType::Bf16 => HostBuffer::Bf16(std::slice::from_raw_parts_mut(ptr as *mut u16, len)),
+                }
+            };
+            call(collective, Buffer::Host(host))
+        }
+        (want, got) => {
+            return Err(Error::Internal(format!(
+                "the {} backend needs tensors on {}, got one on {got:?}",
+                collective.backend(),
+                want.map(|d| format!("cuda:{d}")).unwrap_or_else(|| "the CPU".into())
+            )));
+        }
+    };
+    result.map_err(collective_error)
 }
 
 /// The collective group of a worker (`Launch::Worker`), or `None` for a single process.

@@ -179,7 +179,9 @@ impl<'a> Training<'a> {
             bf16: spec.training.precision == effnet_config::Precision::Bf16,
             channels_last: spec.training.channels_last.unwrap_or(device.is_cuda()),
         };
-        let network = Network::build(&config, &plan.model, precision)?;
+        let mut network = Network::build(&config, &plan.model, precision)?;
+        let (hooks, sync_batch_norm) = crate::hooks::forward_hooks(spec, world_size);
+        network.model.set_hooks(hooks);
         let optimizer = Optimizer::new(
             OptimizerRule::from_config(&spec.optimizer),
             network.trainable(),
@@ -203,6 +205,13 @@ impl<'a> Training<'a> {
             rank,
             world_size,
         });
+        let mut step = TrainStep::from_config(spec, rank, [spec.model.input_channels as i64, height, width]);
+        step.sync_batch_norm = sync_batch_norm;
+        if let Some(parallel) = parallel.as_deref()
+            && spec.distributed.overlap
+        {
+            step.overlap = Some(parallel.buckets(&optimizer.parameters(), &network.model.parameters()));
+        }
         let evaluator = Evaluator::from_config(spec, val, eval_transform, plan.eval_every);
         let checkpointer = Checkpointer::from_config(spec, rank == 0)?;
         let mut training = Training {
@@ -216,7 +225,7 @@ impl<'a> Training<'a> {
             averaged,
             progress: TrainProgress::default(),
             feed,
-            step: TrainStep::from_config(spec, rank),
+            step,
             evaluator,
             checkpointer,
             restored: None,
@@ -589,6 +598,12 @@ impl<'a> Training<'a> {
                 "threads": tch::get_num_threads(),
                 "device": format!("{device:?}"),
                 "world_size": self.world_size,
+                "precision": if self.network.precision.bf16 { "bf16" } else { "fp32" },
+                "channels_last": self.network.precision.channels_last,
+                "sync_batch_norm": self.step.sync_batch_norm.is_some(),
+                "activation_checkpointing": self.spec.model.activation_checkpointing,
+                // Gradient buckets all-reduced during backward (`distributed.overlap`).
+                "overlap_buckets": self.step.overlap.as_ref().map(|b| b.len()),
                 "model": &self.plan.model,
                 "environment": crate::metrics::environment(device),
             }),

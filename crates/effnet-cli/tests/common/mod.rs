@@ -45,6 +45,15 @@ pub fn eval_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// Assert exit status 2 and exactly one non-empty line on stderr containing every `needle`.
+/// The records of `kind` (`start`, `step`, ...) in a job directory's metrics file, in order.
+pub fn metric_records(job_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(job_dir.join("metrics.jsonl")).expect("metrics file");
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|record| record["type"] == kind)
+        .collect()
+}
+
 pub fn assert_bad_input(outcome: &Outcome, needles: &[&str]) {
     assert_eq!(outcome.code, 2, "expected exit 2, stderr: {}", outcome.stderr);
     let lines: Vec<&str> = outcome.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
