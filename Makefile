@@ -6,6 +6,8 @@
 #   make demo         the main job
 #   make test         fmt, clippy, all tests (installs the Python reference stack for parity tests)
 #   make bench        benchmarks against PyTorch (model step, input pipeline, training); figures in docs/benchmarks.md
+#   make device-bundle the CUDA build stripped and packed for a GPU machine without build tools:
+#                     target/device/effnet-device.tar.xz, run there by scripts/device-check.sh (docs/gpu.md)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -15,7 +17,7 @@ ifeq ($(CUDA),1)
   CARGO_FEATURES := --features cuda
 endif
 
-.PHONY: venv venv-reference build demo test lint bench clean-venv
+.PHONY: venv venv-reference build demo test lint bench device-bundle clean-venv
 
 venv:
 	@scripts/bootstrap.sh
@@ -41,6 +43,9 @@ bench: venv-reference
 	@scripts/bench-loader.sh
 	@scripts/bench-train.sh
 	@scripts/bench-distributed.sh
+
+device-bundle:
+	@EFFNET_TORCH=cuda CARGO=$(CARGO) scripts/device-bundle.sh
 
 clean-venv:
 	rm -rf .venv
