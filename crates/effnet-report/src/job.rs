@@ -51,6 +51,8 @@ pub struct JobReport {
     /// to the newest step.
     pub final_evaluation: Option<FinalEvaluation>,
     pub peak_memory_bytes: Option<u64>,
+    /// Peak GPU memory held by tensors (rank 0, CUDA runs).
+    pub gpu_memory_peak_bytes: Option<u64>,
     pub environment: Value,
     pub config: Value,
 }
@@ -368,6 +370,7 @@ pub fn load(dir: &Path) -> Result<JobReport> {
         series,
         final_evaluation,
         peak_memory_bytes: last_end.and_then(|e| u(&e["summary"]["peak_memory_bytes"])),
+        gpu_memory_peak_bytes: last_end.and_then(|e| u(&e["summary"]["gpu_memory_peak_bytes"])),
         environment,
         config: spec.clone(),
     })

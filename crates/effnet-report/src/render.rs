@@ -356,6 +356,9 @@ fn summary_table(job: &JobReport) -> Table {
     if let Some(bytes) = job.peak_memory_bytes {
         add("peak memory", format!("{} (resident, trainer process)", megabytes(bytes as f64)));
     }
+    if let Some(bytes) = job.gpu_memory_peak_bytes {
+        add("peak GPU memory", format!("{} (held by tensors, rank 0)", megabytes(bytes as f64)));
+    }
     add("skipped samples", format!("{} (unusable; keys in metrics.jsonl)", job.skipped_samples));
     for note in &job.notes {
         add("note", note.clone());

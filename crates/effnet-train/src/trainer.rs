@@ -89,6 +89,10 @@ pub struct RunSummary {
     pub checkpoints: Vec<SaveStats>,
     /// Peak resident memory of this process (Linux VmHWM), bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// Peak bytes held by tensors on this rank's GPU (the CUDA caching allocator's), on CUDA.
+    pub gpu_memory_peak_bytes: Option<i64>,
+    /// Peak bytes the allocator reserved from the driver (held plus cached), on CUDA.
+    pub gpu_memory_reserved_peak_bytes: Option<i64>,
 }
 
 /// Train the job to its end, resuming as `options` says. Everything that can be rejected (spec,
@@ -424,9 +428,12 @@ impl<'a> Training<'a> {
         }
         let seconds = elapsed.as_secs_f64().max(1e-9);
         let images_per_s = outcome.samples as f64 / seconds;
+        let gpu = self.gpu_memory();
         metrics.write(
             "step",
             json!({
+                "gpu_memory_bytes": gpu.map(|m| m.allocated),
+                "gpu_memory_peak_bytes": gpu.map(|m| m.allocated_peak),
                 "step": step,
                 "epoch": epoch,
                 "samples": outcome.samples,
@@ -614,6 +621,14 @@ impl<'a> Training<'a> {
         Ok(metrics)
     }
 
+    /// The CUDA caching allocator's bytes on this rank's GPU (none on CPU).
+    fn gpu_memory(&self) -> Option<crate::autograd::CudaMemory> {
+        match self.network.precision.device {
+            Device::Cuda(index) => crate::autograd::cuda_memory(index as i32),
+            _ => None,
+        }
+    }
+
     fn summarise(self, metrics: &mut MetricsLog, first_step: u64, started: Instant) -> Result<RunSummary> {
         let finished = self.progress.is_done(self.plan.length, self.plan.train_samples);
         let train_s = self.totals.train_time.as_secs_f64();
@@ -626,6 +641,7 @@ impl<'a> Training<'a> {
                 "rank throughput"
             );
         }
+        let gpu = self.gpu_memory();
         let summary = RunSummary {
             resumed_from: self.restored.as_ref().map(|(_, step)| *step),
             steps: self.progress.step,
@@ -642,6 +658,8 @@ impl<'a> Training<'a> {
             skipped: self.totals.skipped,
             checkpoints: self.checkpointer.saves,
             peak_memory_bytes: peak_rss_bytes(),
+            gpu_memory_peak_bytes: gpu.map(|m| m.allocated_peak),
+            gpu_memory_reserved_peak_bytes: gpu.map(|m| m.reserved_peak),
             plan: self.plan,
         };
         if summary.rank == 0 {
