@@ -275,7 +275,8 @@ fact setup_seconds "$(( SECONDS - START ))"
 PORT=$(( 29500 + RANDOM % 2000 ))
 if (( CHECK_OK )); then
   mkdir -p "$WORK/collective"
-  run_phase collective 120 20 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT="$PORT" \
+  run_phase collective 120 20 env NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \
+    MASTER_ADDR=127.0.0.1 MASTER_PORT="$PORT" \
     "$CHECK" --backend nccl --timeout-s 60 --bandwidth --out "$WORK/collective"
   fact collective.report "$WORK/collective/rank-0.json"
   fact collective.err "$LOGS/collective.err"
@@ -381,8 +382,9 @@ if (( DATA_OK )) && (( ! REHEARSE )); then
   job=$(write_job nccl-train b0 32 4 "{workers: 1, backend: nccl, device: cuda}")
   fact nccl-train.job_dir "$WORK/runs/nccl-train"
   fact nccl-train.err "$LOGS/nccl-train.err"
-  run_phase nccl-train 120 40 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 \
-    MASTER_PORT=$(( PORT + 1 )) "$EFFNET" worker "$job" --progress never
+  run_phase nccl-train 120 40 env NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \
+    LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(( PORT + 1 )) \
+    "$EFFNET" worker "$job" --progress never
 fi
 
 # ---------------------------------------------------------------------------------------------
