@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reads what scripts/device-check.sh recorded and writes its report (standard library only).
 
-    device-check-report.py peak JOB_DIR [SMI_FILE]   peak GPU memory of an effnet run, in bytes
+    device-check-report.py peak JOB_DIR [SMI_FILE]   peak GPU memory of an effnet run, in bytes (reserved)
     device-check-report.py report FACTS [--out DIR]  the Markdown block for docs/benchmarks.md
 
 FACTS holds key=value lines; keys name a phase (`effnet-b7.rc`, `torch-b0.json`, ...) or the
@@ -58,13 +58,14 @@ def smi_peak_bytes(path):
     return int(max(values) * 1024**2) if values else None
 
 
-def effnet_peak_bytes(job_dir):
-    """The trainer's own peak (allocator), from step records or the end summary."""
+def effnet_peak_bytes(job_dir, field="gpu_memory_peak_bytes"):
+    """The trainer's own peak (the CUDA caching allocator's), from step records or the end summary:
+    `gpu_memory_peak_bytes` (allocated) or `gpu_memory_reserved_peak_bytes` (reserved)."""
     records = read_jsonl(os.path.join(job_dir, "metrics.jsonl"))
     peaks = []
     for record in records:
         for holder in (record, record.get("summary") or {}):
-            value = holder.get("gpu_memory_peak_bytes") if isinstance(holder, dict) else None
+            value = holder.get(field) if isinstance(holder, dict) else None
             if isinstance(value, (int, float)) and value > 0:
                 peaks.append(int(value))
     return max(peaks) if peaks else None
@@ -314,7 +315,8 @@ def report(facts_path, out_dir):
 
 def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "peak":
-        peak = effnet_peak_bytes(sys.argv[2])
+        # For the batch search: what the allocator reserved is what runs out first.
+        peak = effnet_peak_bytes(sys.argv[2], "gpu_memory_reserved_peak_bytes") or effnet_peak_bytes(sys.argv[2])
         if peak is None and len(sys.argv) > 3:
             peak = smi_peak_bytes(sys.argv[3])
         if peak:
