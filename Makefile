@@ -42,6 +42,7 @@ bench: venv-reference
 	@scripts/bench-model.sh
 	@scripts/bench-loader.sh
 	@scripts/bench-train.sh
+	@scripts/bench-precision.sh
 	@scripts/bench-distributed.sh
 
 device-bundle:

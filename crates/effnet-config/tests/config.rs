@@ -362,7 +362,8 @@ fn unknown_keys_are_rejected_at_the_key() {
     assert_eq!(
         failure(text).to_string(),
         "job.yaml:4:3: model.dropuot: unknown field, expected one of variant, phi, alpha, beta, gamma, classes, \
-         input_channels, resolution, dropout, batch_norm, classifier_init, drop_path"
+         input_channels, resolution, dropout, batch_norm, classifier_init, drop_path, sync_batch_norm, \
+         activation_checkpointing"
     );
     located(
         &format!("{BASE}  augmentation: {{flip: 0.5, rand_augment: {{opz: 2}}}}\n"),

@@ -102,8 +102,11 @@ pub fn load_into(
 
 /// A batch's images and labels as tensors on a device. On the CPU the image tensor is a view of
 /// the batch's own buffer, which the loader's workers filled in place, so the pixels are never
-/// copied; on a GPU they are copied once, host to device. The borrow keeps the buffer alive
-/// while the tensors (and the autograd graph that saves the input) use it.
+/// copied. On a GPU they land in pinned (page-locked) host memory from libtorch's caching host
+/// allocator and are copied to the device without blocking the host: the copy is queued behind
+/// the work already on the stream (the previous micro-batch's backward) while the host goes on
+/// (the pinned block is held until the copy has run). The borrow keeps the buffer alive while the
+/// tensors (and the autograd graph that saves the input) use it.
 pub struct BatchTensors<'a> {
     pub images: Tensor,
     pub labels: Tensor,
@@ -125,9 +128,18 @@ pub fn batch_tensors(batch: &effnet_vision::BatchParts, device: Device) -> Resul
     let images = unsafe {
         Tensor::f_from_blob(batch.pixels.as_ptr() as *const u8, &batch.shape, &[], Kind::Float, Device::Cpu)?
     };
+    let labels = Tensor::from_slice(&batch.labels);
+    let to_device = |tensor: Tensor| -> Result<Tensor> {
+        Ok(match device {
+            Device::Cuda(_) => {
+                tensor.f_pin_memory(device)?.f_to_device_(device, tensor.kind(), true, false)?
+            }
+            _ => tensor.to_device(device),
+        })
+    };
     Ok(BatchTensors {
-        images: images.to_device(device),
-        labels: Tensor::from_slice(&batch.labels).to_device(device),
+        images: to_device(images)?,
+        labels: to_device(labels)?,
         _batch: std::marker::PhantomData,
     })
 }
