@@ -330,3 +330,22 @@ fn sync_batch_norm_on_two_ranks_matches_one_rank_of_the_whole_batch() {
         "per-rank BatchNorm should not match the whole batch, yet differs by only {control_worst:e} ({control_name}); losses {control:?}"
     );
 }
+
+#[test]
+fn sync_batch_norm_keeps_ranks_in_step_when_one_runs_out_of_samples() {
+    // Five row groups of 8 for two ranks: rank 0 holds three, rank 1 two, so in the epoch's third
+    // step rank 1 has no samples. With SyncBatchNorm it must still make the same sums (an empty
+    // micro-batch) or the ranks would wait on each other forever.
+    let data = tempfile::tempdir().unwrap();
+    synthetic_dataset(data.path().join("train").to_str().unwrap(), 40, 0, BATCH);
+    synthetic_dataset(data.path().join("val").to_str().unwrap(), 16, 1, BATCH);
+    let (dir, job) = write_job(data.path(), 2, 1, 1);
+    run_with(
+        &job,
+        &["model.sync_batch_norm=true", "training.steps=~", "training.epochs=1", "distributed.timeout_s=30"],
+    );
+    let steps = common::metric_records(&dir.path().join("job"), "step");
+    let samples: Vec<u64> = steps.iter().map(|r| r["samples"].as_u64().unwrap()).collect();
+    assert_eq!(samples, [16, 16, 8], "every sample of the epoch once, the last step from rank 0 alone");
+    assert!(steps.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+}
