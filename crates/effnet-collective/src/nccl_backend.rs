@@ -6,12 +6,17 @@
 //! `nvidia-nccl` wheel ships): `scripts/bootstrap.sh` with `EFFNET_TORCH=cuda` links one into
 //! `.venv/nccl`, which CUDA builds carry in their rpath.
 //!
-//! Collectives are enqueued on the legacy default stream (a null stream handle), so they run
-//! after every kernel libtorch queued before them on that stream and before every kernel it
-//! queues after. The host then polls the stream with `cuStreamQuery` and the communicator with
-//! `ncclCommGetAsyncError` until the work is done or the deadline passes; on a timeout or an
-//! asynchronous error the communicator is aborted (`ncclCommAbort`), which unblocks the kernels,
-//! and the call returns an error naming the collective and the rank.
+//! Collectives run on the backend's own non-blocking stream, ordered after the work queued so
+//! far on the legacy default stream (where libtorch queues its kernels: the gradients being
+//! reduced) by a CUDA event recorded there and waited on by the NCCL stream. So an all-reduce
+//! runs beside the kernels libtorch queues after it (the rest of backward, when the trainer's
+//! communication thread overlaps the two), instead of behind them. The host then polls the NCCL
+//! stream with `cuStreamQuery` and the communicator with `ncclCommGetAsyncError` until the work
+//! is done or the deadline passes; on a timeout or an asynchronous error the communicator is
+//! aborted (`ncclCommAbort`), which unblocks the kernels, and the call returns an error naming
+//! the collective and the rank. The caller reads the result only after the call returns, so no
+//! event is needed on the way back. Each call makes the device's primary context current first,
+//! so any thread may call (one at a time).
 
 use std::cell::Cell;
 use std::ffi::c_void;
@@ -45,6 +50,12 @@ pub fn nccl_available() -> std::result::Result<(), String> {
 
 pub struct Nccl {
     comm: nccl::ncclComm_t,
+    /// The device's primary context (libtorch's), made current by every call.
+    context: cuda::CUcontext,
+    /// Where collectives run.
+    stream: cuda::CUstream,
+    /// Recorded on the legacy default stream before each collective; the NCCL stream waits on it.
+    ready: cuda::CUevent,
     rank: usize,
     world: usize,
     device: i32,
@@ -52,7 +63,8 @@ pub struct Nccl {
     aborted: Cell<bool>,
 }
 
-// SAFETY: the communicator is used from the thread that owns the `Nccl`.
+// SAFETY: the communicator, stream and event are used by one thread at a time (`&mut` or the
+// owner), and each call makes the context current on the calling thread.
 unsafe impl Send for Nccl {}
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -86,7 +98,7 @@ impl Nccl {
         nccl_available().map_err(unavailable)?;
         let device = info.local_rank as i32;
         // SAFETY: driver calls after a successful cuInit; the device ordinal is checked first.
-        unsafe {
+        let (context, stream, ready) = unsafe {
             let count =
                 cudarc::driver::result::device::get_count().map_err(|e| unavailable(format!("{e:?}")))?;
             if device >= count {
@@ -98,7 +110,19 @@ impl Nccl {
             let context = cudarc::driver::result::primary_ctx::retain(handle)
                 .map_err(|e| unavailable(format!("{e:?}")))?;
             cudarc::driver::result::ctx::set_current(context).map_err(|e| unavailable(format!("{e:?}")))?;
-        }
+            let mut stream: cuda::CUstream = std::ptr::null_mut();
+            let code = cuda::cuStreamCreate(&mut stream, cuda::CUstream_flags::CU_STREAM_NON_BLOCKING as u32);
+            if code != cuda::CUresult::CUDA_SUCCESS {
+                return Err(unavailable(format!("cannot create the NCCL stream: {code:?}")));
+            }
+            let mut ready: cuda::CUevent = std::ptr::null_mut();
+            let code = cuda::cuEventCreate(&mut ready, cuda::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32);
+            if code != cuda::CUresult::CUDA_SUCCESS {
+                cuda::cuStreamDestroy_v2(stream);
+                return Err(unavailable(format!("cannot create a CUDA event: {code:?}")));
+            }
+            (context, stream, ready)
+        };
         let id = if info.rank == 0 {
             let id = cudarc::nccl::result::get_uniqueid().map_err(|e| unavailable(describe(e.0)))?;
             Some(id.internal.iter().map(|&b| b as u8).collect::<Vec<u8>>())
@@ -135,6 +159,9 @@ impl Nccl {
         Ok(Nccl {
             // SAFETY: initialised by ncclCommInitRank.
             comm: unsafe { comm.assume_init() },
+            context,
+            stream,
+            ready,
             rank: info.rank,
             world: info.world_size,
             device,
@@ -184,12 +211,37 @@ impl Nccl {
         }
     }
 
-    /// Wait for the work queued on the legacy default stream, watching the communicator.
+    /// Make the context current on this thread and order the NCCL stream after everything queued
+    /// so far on the legacy default stream.
+    fn prepare(&self, op: &'static str) -> Result<()> {
+        // SAFETY: the context, stream and event are valid until drop.
+        let code = unsafe {
+            let mut code = cuda::cuCtxSetCurrent(self.context);
+            if code == cuda::CUresult::CUDA_SUCCESS {
+                code = cuda::cuEventRecord(self.ready, std::ptr::null_mut());
+            }
+            if code == cuda::CUresult::CUDA_SUCCESS {
+                code = cuda::cuStreamWaitEvent(self.stream, self.ready, 0);
+            }
+            code
+        };
+        if code != cuda::CUresult::CUDA_SUCCESS {
+            return Err(Error::Failed {
+                op,
+                rank: self.rank,
+                backend: Backend::Nccl,
+                reason: format!("ordering the NCCL stream after libtorch's: {code:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Wait for the work queued on the NCCL stream, watching the communicator.
     fn wait(&self, op: &'static str) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            // SAFETY: querying the legacy default stream of the current context.
-            let status = unsafe { cuda::cuStreamQuery(std::ptr::null_mut()) };
+            // SAFETY: querying the backend's stream.
+            let status = unsafe { cuda::cuStreamQuery(self.stream) };
             match status {
                 cuda::CUresult::CUDA_SUCCESS => return Ok(()),
                 cuda::CUresult::CUDA_ERROR_NOT_READY => {}
@@ -276,7 +328,9 @@ impl Collective for Nccl {
             ReduceOp::Average => nccl::ncclRedOp_t::ncclAvg,
         };
         let ptr = buffer.ptr as *mut c_void;
-        // SAFETY: in place on the caller's device buffer, on the legacy default stream.
+        self.prepare(NAME)?;
+        // SAFETY: in place on the caller's device buffer, on the backend's stream (ordered after
+        // the kernels that wrote the buffer).
         let result = unsafe {
             cudarc::nccl::result::all_reduce(
                 ptr,
@@ -285,7 +339,7 @@ impl Collective for Nccl {
                 nccl_dtype(buffer.dtype),
                 reduce,
                 self.comm,
-                std::ptr::null_mut(),
+                self.stream as _,
             )
         };
         self.launched(NAME, result)
@@ -297,6 +351,7 @@ impl Collective for Nccl {
         check_root(root, self.world, NAME)?;
         let buffer = self.device_buffer(buffer, NAME)?;
         let ptr = buffer.ptr as *mut c_void;
+        self.prepare(NAME)?;
         // SAFETY: as in all_reduce.
         let result = unsafe {
             cudarc::nccl::result::broadcast(
@@ -306,7 +361,7 @@ impl Collective for Nccl {
                 nccl_dtype(buffer.dtype),
                 root as i32,
                 self.comm,
-                std::ptr::null_mut(),
+                self.stream as _,
             )
         };
         self.launched(NAME, result)
@@ -317,8 +372,9 @@ impl Collective for Nccl {
         const NAME: &str = "barrier";
         self.check_usable(NAME)?;
         let mut scratch: cuda::CUdeviceptr = 0;
-        // SAFETY: a 4-byte allocation freed below.
+        // SAFETY: a 4-byte allocation freed below, in this backend's context.
         unsafe {
+            cuda::cuCtxSetCurrent(self.context);
             cuda::cuMemAlloc_v2(&mut scratch, 4);
             cuda::cuMemsetD32_v2(scratch, 0, 1);
         }
@@ -345,6 +401,12 @@ impl Drop for Nccl {
             unsafe {
                 let _ = cudarc::nccl::result::comm_destroy(self.comm);
             }
+        }
+        // SAFETY: created in init, destroyed once, after the communicator.
+        unsafe {
+            cuda::cuCtxSetCurrent(self.context);
+            cuda::cuEventDestroy_v2(self.ready);
+            cuda::cuStreamDestroy_v2(self.stream);
         }
     }
 }
