@@ -5,10 +5,14 @@
 //! Gradients are of the loss *summed* over each rank's samples, summed across ranks and divided
 //! by the global sample count: the mean over every sample of the step, whatever each rank held
 //! (a short last batch, or none at all once its share of the epoch is used up).
-
-use std::time::Duration;
+//!
+//! With several ranks, forward and backward may run beside a communication thread
+//! ([`DataParallel::with_comm_thread`]): SyncBatchNorm's sums go through it, and with
+//! `distributed.overlap` the gradient buckets are all-reduced there as backward completes them
+//! ([`OverlappedSum`]), before the step's small all-reduce of counts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use effnet_config::JobSpec;
 use effnet_vision::BatchParts;
@@ -91,7 +95,7 @@ impl TrainStep {
         let local_samples = input.samples();
         let parameters = optimizer.parameters();
         let mut comm = Duration::ZERO;
-        let (loss_sum, totals_ranks) = match parallel {
+        let (totals, ranks) = match parallel {
             Some(parallel) => {
                 let overlapped = self.overlap.is_some() || self.sync_batch_norm.is_some();
                 let loss_sum = if overlapped {
@@ -128,8 +132,7 @@ impl TrainStep {
                 ([loss_sum, local_samples as f64, input.skipped.len() as f64, f64::from(input.share_done)], 1)
             }
         };
-        let ranks = totals_ranks;
-        let [loss_total, samples, skipped, done] = loss_sum;
+        let [loss_total, samples, skipped, done] = totals;
         let outcome = StepOutcome {
             samples: samples as u64,
             skipped: skipped as u64,

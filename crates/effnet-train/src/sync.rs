@@ -5,6 +5,10 @@
 //!   `distributed.bucket_mb`, summed across ranks (optionally carried as bf16), then written
 //!   back; the step divides the sum by the global sample count, so ranks with short or empty
 //!   batches weigh exactly their samples and every rank steps on the same mean gradient.
+//! - [`DataParallel::with_comm_thread`]: a thread that owns the collective during a step and
+//!   reduces what it is sent, in order ([`CommQueue`]); [`OverlappedSum`] sends it gradient
+//!   buckets from backward's post-accumulate-grad hooks (`distributed.overlap`), SyncBatchNorm its
+//!   statistics.
 //! - [`DataParallel::average_buffers`]: BatchNorm running statistics averaged across ranks
 //!   before evaluation and checkpoints (each rank normalises its own batches in between).
 //! - small helpers: sums of a few f64 (flags, evaluation counts) and an all-gather of bytes
