@@ -106,6 +106,10 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     let outcome = straight.run(&[]);
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     assert!(outcome.stdout.contains("trained          26 steps"), "{}", outcome.stdout);
+    let peak =
+        outcome.stdout.lines().find_map(|l| l.strip_prefix("peak memory      ")).expect("a peak memory line");
+    let mib: f64 = peak.split(' ').next().unwrap().parse().unwrap();
+    assert!((50.0..20_000.0).contains(&mib) && peak.ends_with("MiB resident"), "{peak}");
 
     let interrupted = job(data.path(), "b0", 26);
     let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))

@@ -299,6 +299,19 @@ fn print_summary(summary: &RunSummary) {
             summary.comm_fraction * 100.0
         );
     }
+    let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+    match (summary.peak_memory_bytes, summary.gpu_memory_peak_bytes) {
+        (Some(host), Some(gpu)) => println!(
+            "peak memory      {:.0} MiB resident, {:.0} MiB on the GPU (held by tensors)",
+            mib(host as f64),
+            mib(gpu as f64)
+        ),
+        (Some(host), None) => println!("peak memory      {:.0} MiB resident", mib(host as f64)),
+        (None, Some(gpu)) => {
+            println!("peak memory      {:.0} MiB on the GPU (held by tensors)", mib(gpu as f64))
+        }
+        (None, None) => {}
+    }
     if summary.skipped_samples > 0 {
         let keys: Vec<String> =
             summary.skipped.iter().map(|s| format!("{} (rank {}: {})", s.key, s.rank, s.reason)).collect();
