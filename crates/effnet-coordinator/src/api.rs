@@ -1,0 +1,198 @@
+//! The HTTP routes: a bearer-token check in front of everything, a body-size limit, and one
+//! handler per endpoint that parses its input, calls [`State`], and answers JSON (or text for
+//! `/metrics`, HTML for `/`). Every error is `{"error": "<one line>"}` with the status of
+//! [`Error::status`].
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as Shared};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::Error;
+use crate::protocol::{ErrorBody, JoinRequest, LeaveRequest, Progress};
+use crate::state::State;
+use crate::{metrics, page};
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response = (status, Json(ErrorBody { error: self.to_string() })).into_response();
+        if matches!(self, Error::Unauthorized) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type Answer<T> = Result<T, Error>;
+
+/// The routes over `state`, behind the token check and the body limit.
+pub fn router(state: Arc<State>) -> Router {
+    let limit = state.settings().body_limit;
+    Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(prometheus))
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{job}", get(show))
+        .route("/v1/jobs/{job}/cancel", post(cancel))
+        .route("/v1/jobs/{job}/progress", get(progress))
+        .route("/v1/jobs/{job}/workers", post(join))
+        .route("/v1/jobs/{job}/workers/{worker}/heartbeat", post(heartbeat))
+        .route("/v1/jobs/{job}/workers/{worker}/leave", post(leave))
+        .fallback(unknown_endpoint)
+        .layer(DefaultBodyLimit::max(limit))
+        // Outermost: nothing runs, and no body is read, for a request without the token.
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), authorize))
+        .with_state(state)
+}
+
+async fn authorize(Shared(state): Shared<Arc<State>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+    match presented {
+        Some(token) if state.token_matches(token) => next.run(request).await,
+        _ => Error::Unauthorized.into_response(),
+    }
+}
+
+async fn unknown_endpoint(request: Request) -> Error {
+    Error::UnknownEndpoint { method: request.method().to_string(), path: request.uri().path().to_string() }
+}
+
+/// The body, or the reason it could not be read (too large, cut off).
+fn body(state: &State, body: Result<Bytes, BytesRejection>) -> Answer<Bytes> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::TooLarge { limit: state.settings().body_limit }
+        } else {
+            Error::bad_request(format!("request body: {}", rejection.body_text()))
+        }
+    })
+}
+
+/// A JSON body; an empty one reads as `{}` so requests with only optional fields may omit it.
+fn json_body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Answer<T> {
+    let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
+    serde_json::from_slice(bytes).map_err(|error| Error::bad_request(format!("{what}: {error}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitQuery {
+    /// Names the YAML in validation errors, as the file name does for `effnet run --check`.
+    source: Option<String>,
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Answer<T> {
+    query.map(|Query(value)| value).map_err(|rejection| Error::bad_request(rejection.body_text()))
+}
+
+async fn submit(
+    Shared(state): Shared<Arc<State>>,
+    submit_query: Result<Query<SubmitQuery>, QueryRejection>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, Json<crate::protocol::Submitted>)> {
+    let source = query(submit_query)?.source.unwrap_or_else(|| "job.yaml".to_string());
+    let bytes = body(&state, bytes)?;
+    let yaml = String::from_utf8(bytes.to_vec())
+        .map_err(|error| Error::bad_request(format!("{source}: the job YAML is not UTF-8: {error}")))?;
+    let submitted = state.submit(yaml, &source).await?;
+    tracing::info!(job = %submitted.id, "job submitted");
+    Ok((StatusCode::CREATED, Json(submitted)))
+}
+
+async fn list(Shared(state): Shared<Arc<State>>) -> Answer<Json<Vec<crate::protocol::JobSummary>>> {
+    Ok(Json(state.jobs().await?))
+}
+
+async fn show(
+    Shared(state): Shared<Arc<State>>,
+    Path(job): Path<String>,
+) -> Answer<Json<crate::protocol::JobDetail>> {
+    Ok(Json(state.job(&job).await?))
+}
+
+async fn cancel(
+    Shared(state): Shared<Arc<State>>,
+    Path(job): Path<String>,
+) -> Answer<Json<crate::protocol::JobSummary>> {
+    let summary = state.cancel(&job).await?;
+    tracing::info!(job = %job, "job cancelled");
+    Ok(Json(summary))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressQuery {
+    limit: Option<u32>,
+}
+
+async fn progress(
+    Shared(state): Shared<Arc<State>>,
+    Path(job): Path<String>,
+    progress_query: Result<Query<ProgressQuery>, QueryRejection>,
+) -> Answer<Json<Vec<crate::protocol::ProgressRecord>>> {
+    let limit = query(progress_query)?.limit.unwrap_or(100);
+    Ok(Json(state.progress(&job, limit).await?))
+}
+
+async fn join(
+    Shared(state): Shared<Arc<State>>,
+    Path(job): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer<Json<crate::protocol::Joined>> {
+    let request: JoinRequest = json_body(&body(&state, bytes)?, "join request")?;
+    let joined = state.join(&job, request).await?;
+    tracing::info!(job = %job, worker = %joined.worker_id, rank = joined.rank, generation = joined.generation, "worker joined");
+    Ok(Json(joined))
+}
+
+async fn heartbeat(
+    Shared(state): Shared<Arc<State>>,
+    Path((job, worker)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer<Json<crate::protocol::HeartbeatAnswer>> {
+    let progress: Progress = json_body(&body(&state, bytes)?, "heartbeat")?;
+    Ok(Json(state.heartbeat(&job, &worker, progress).await?))
+}
+
+async fn leave(
+    Shared(state): Shared<Arc<State>>,
+    Path((job, worker)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer<Json<crate::protocol::HeartbeatAnswer>> {
+    let request: LeaveRequest = json_body(&body(&state, bytes)?, "leave request")?;
+    let answer = state.leave(&job, &worker, request).await?;
+    tracing::info!(job = %job, worker = %worker, "worker left");
+    Ok(Json(answer))
+}
+
+async fn prometheus(Shared(state): Shared<Arc<State>>) -> Answer<Response> {
+    let jobs = state.jobs().await?;
+    let members = state.member_counts().await?;
+    let text = metrics::render(&jobs, &members, crate::state::now());
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+async fn status_page(Shared(state): Shared<Arc<State>>) -> Answer<Html<String>> {
+    let jobs = state.jobs().await?;
+    let mut curves = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        curves.push(state.progress(&job.id, 500).await?);
+    }
+    Ok(Html(page::render(&jobs, &curves, crate::state::now())))
+}

@@ -1,0 +1,330 @@
+//! The JSON bodies of the HTTP API, shared by the server and [`crate::Client`].
+//!
+//! Times are seconds since the Unix epoch (`f64`), so a restarted coordinator and every client
+//! read the same clock. Requests deny unknown fields: a misspelt key is a 400, not a silently
+//! ignored setting.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a job is in its life.
+///
+/// ```text
+/// queued ──(first generation complete)──► running ──(all ranks leave "finished")──► succeeded
+///    │                                       │  ──(a rank leaves "failed")──────────► failed
+///    └──────────────(cancel)─────────────────┴──(cancel)─────────────────────────────► cancelled
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Succeeded, failed or cancelled: nothing joins or restarts it any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(text: &str) -> Result<JobState, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| format!("job state {text:?}"))
+    }
+}
+
+/// Where a generation (one attempt of a job with a fixed set of ranks) is.
+///
+/// ```text
+/// forming ──(world_size members joined)──► running ──► ended (finished, failed, restart,
+///    └──────────────(a member leaves or expires, cancel)──►┘     expired member, cancelled)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationState {
+    Forming,
+    Running,
+    Ended,
+}
+
+impl GenerationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GenerationState::Forming => "forming",
+            GenerationState::Running => "running",
+            GenerationState::Ended => "ended",
+        }
+    }
+}
+
+impl FromStr for GenerationState {
+    type Err = String;
+    fn from_str(text: &str) -> Result<GenerationState, String> {
+        match text {
+            "forming" => Ok(GenerationState::Forming),
+            "running" => Ok(GenerationState::Running),
+            "ended" => Ok(GenerationState::Ended),
+            _ => Err(format!("generation state {text:?}")),
+        }
+    }
+}
+
+/// A worker's standing in its generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Joined and heartbeating (or not yet past the timeout).
+    Active,
+    /// Said goodbye (`POST .../leave`).
+    Left,
+    /// Silent past the heartbeat timeout.
+    Expired,
+}
+
+impl MemberState {
+    pub const ALL: [MemberState; 3] = [MemberState::Active, MemberState::Left, MemberState::Expired];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Left => "left",
+            MemberState::Expired => "expired",
+        }
+    }
+}
+
+impl FromStr for MemberState {
+    type Err = String;
+    fn from_str(text: &str) -> Result<MemberState, String> {
+        MemberState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| format!("member state {text:?}"))
+    }
+}
+
+/// `POST /v1/jobs` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: String,
+    pub name: String,
+    pub state: JobState,
+}
+
+/// The newest checkpoint a worker reported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointReport {
+    pub step: u64,
+    pub url: String,
+}
+
+/// The newest checkpoint of a job and when the coordinator heard of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastCheckpoint {
+    pub step: u64,
+    pub url: String,
+    pub reported_at: f64,
+}
+
+/// One line of `GET /v1/jobs`, and the head of `GET /v1/jobs/{id}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub name: String,
+    pub state: JobState,
+    pub created_at: f64,
+    pub updated_at: f64,
+    /// Generations started after the first.
+    pub restarts: u32,
+    /// `distributed.workers` of the spec.
+    pub world_size: u32,
+    /// The newest generation's number (1, 2, ...), 0 before any worker joined.
+    pub generation: u32,
+    pub generation_state: Option<GenerationState>,
+    /// Active members of the newest generation.
+    pub workers: u32,
+    /// The highest step any member of the newest generation reported.
+    pub step: Option<u64>,
+    pub epoch: Option<f64>,
+    /// Summed over the newest generation's active members.
+    pub images_per_s: Option<f64>,
+    /// Rank 0's latest loss (rank 0 holds the job's view of the loss).
+    pub loss: Option<f64>,
+    pub last_checkpoint: Option<LastCheckpoint>,
+}
+
+/// A generation as `GET /v1/jobs/{id}` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub number: u32,
+    pub world_size: u32,
+    pub state: GenerationState,
+    pub end_reason: Option<String>,
+    pub started_at: f64,
+    pub ended_at: Option<f64>,
+}
+
+/// A worker of a generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    pub generation: u32,
+    pub rank: u32,
+    pub host: Option<String>,
+    pub state: MemberState,
+    pub end_reason: Option<String>,
+    pub joined_at: f64,
+    pub last_heartbeat: f64,
+    pub step: Option<u64>,
+    pub epoch: Option<f64>,
+    pub images_per_s: Option<f64>,
+    pub loss: Option<f64>,
+    pub checkpoint: Option<LastCheckpoint>,
+}
+
+/// `GET /v1/jobs/{id}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub summary: JobSummary,
+    /// The YAML text as submitted.
+    pub yaml: String,
+    /// The validated spec (effnet-config's `JobSpec`) as JSON.
+    pub spec: serde_json::Value,
+    pub generations: Vec<Generation>,
+    /// Members of every generation, oldest first.
+    pub members: Vec<Member>,
+}
+
+/// `POST /v1/jobs/{id}/workers` body; every field optional (an empty body is `{}`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinRequest {
+    /// For the status page and logs.
+    pub host: Option<String>,
+    /// The rank the engine gave this process (Slurm `SLURM_PROCID`, Kubernetes
+    /// `JOB_COMPLETION_INDEX`, `RANK`); the coordinator assigns it if free, else refuses.
+    pub rank: Option<u32>,
+    /// The world size the engine started (`SLURM_NTASKS`, `WORLD_SIZE`); must equal the job's.
+    pub world_size: Option<u32>,
+}
+
+/// `POST /v1/jobs/{id}/workers` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Joined {
+    pub worker_id: String,
+    pub generation: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    /// Members joined so far; the generation runs when this reaches `world_size`.
+    pub members: u32,
+    pub generation_state: GenerationState,
+}
+
+/// `POST .../heartbeat` body: the worker's progress, every field optional.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Progress {
+    pub step: Option<u64>,
+    pub epoch: Option<f64>,
+    pub images_per_s: Option<f64>,
+    pub loss: Option<f64>,
+    pub checkpoint: Option<CheckpointReport>,
+}
+
+/// What a worker should do next, the answer to every heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// The generation is still forming: keep heartbeating, do not start the collective.
+    Wait,
+    /// The generation is complete: train.
+    Train,
+    /// The generation ended while the job goes on: abort the communicator and exit with the
+    /// restart status, so the engine relaunches and a new generation forms.
+    Restart,
+    /// The job is over (finished, failed or cancelled): exit.
+    Stop,
+}
+
+/// `POST .../heartbeat` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    pub action: Action,
+    pub job_state: JobState,
+    pub generation: u32,
+    pub generation_state: GenerationState,
+    pub rank: u32,
+    pub world_size: u32,
+    pub members: u32,
+}
+
+/// Why a worker leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveOutcome {
+    /// Training reached its end on this rank; the job succeeds when every rank says so.
+    Finished,
+    /// An error that a restart will not cure (bad config, unreadable data): the job fails.
+    Failed,
+    /// A peer or collective failed: end the generation and let the engine relaunch.
+    Restart,
+}
+
+/// `POST .../leave` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {
+    pub outcome: LeaveOutcome,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// One recorded step of a worker (`GET /v1/jobs/{id}/progress`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub at: f64,
+    pub worker_id: String,
+    pub generation: u32,
+    pub rank: u32,
+    pub step: u64,
+    pub epoch: Option<f64>,
+    pub images_per_s: Option<f64>,
+    pub loss: Option<f64>,
+}
+
+/// Every error answer's body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,209 @@
+//! [`State`]: what every request handler and the expiry task share — the database, the token,
+//! the settings, and the heartbeat deadlines of the workers being watched.
+//!
+//! Deadlines live in memory on tokio's clock (so tests can pause and advance it); the database
+//! keeps wall-clock times for people. A restarted coordinator gives every active member a full
+//! timeout from its start: workers that are alive re-attach with their next heartbeat.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use effnet_config::JobSpec;
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::protocol::{
+    HeartbeatAnswer, JobDetail, JobSummary, JoinRequest, Joined, LeaveRequest, MemberState, Progress,
+    ProgressRecord, Submitted,
+};
+use crate::store::{self, Store};
+
+/// Tunables of a coordinator.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A worker silent this long expires and ends its generation.
+    pub heartbeat_timeout: Duration,
+    /// How often the expiry task looks for silent workers.
+    pub sweep_every: Duration,
+    /// Requests with a larger body are refused (413) before they are read in full.
+    pub body_limit: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            heartbeat_timeout: Duration::from_secs(60),
+            sweep_every: Duration::from_secs(1),
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// The coordinator's shared state; one per process, passed to [`crate::run`] in an `Arc`.
+pub struct State {
+    store: Store,
+    token: Vec<u8>,
+    settings: Settings,
+    /// Worker id → the instant it expires unless it heartbeats.
+    deadlines: Mutex<HashMap<String, Instant>>,
+}
+
+/// Seconds since the Unix epoch, the time format of the database and the API.
+pub(crate) fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+impl State {
+    /// Opens (or creates) the state in `state_dir` and starts watching the workers it lists as
+    /// active. `token` is the shared bearer token; it must not be empty.
+    pub async fn open(state_dir: &Path, token: &str, settings: Settings) -> Result<State> {
+        if token.is_empty() {
+            return Err(Error::bad_request("the bearer token is empty"));
+        }
+        let store = Store::open(state_dir)?;
+        let watched = store.call(store::watched_members).await?;
+        let deadline = Instant::now() + settings.heartbeat_timeout;
+        let deadlines = watched.into_iter().map(|id| (id, deadline)).collect();
+        Ok(State { store, token: token.as_bytes().to_vec(), settings, deadlines: Mutex::new(deadlines) })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Compares a presented token with the coordinator's in constant time (for equal lengths).
+    pub fn token_matches(&self, presented: &[u8]) -> bool {
+        bool::from(self.token.as_slice().ct_eq(presented))
+    }
+
+    fn deadlines(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.deadlines.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn watch(&self, worker_id: &str) {
+        self.deadlines().insert(worker_id.to_string(), Instant::now() + self.settings.heartbeat_timeout);
+    }
+
+    fn unwatch(&self, worker_ids: &[String]) {
+        let mut deadlines = self.deadlines();
+        for id in worker_ids {
+            deadlines.remove(id);
+        }
+    }
+
+    /// Workers being watched for heartbeats.
+    pub fn watched(&self) -> usize {
+        self.deadlines().len()
+    }
+
+    /// Validates the job YAML exactly as `effnet run --check` validates a spec (effnet-config,
+    /// errors named after `source_name`) and stores it as a queued job.
+    pub async fn submit(&self, yaml: String, source_name: &str) -> Result<Submitted> {
+        let spec = JobSpec::from_yaml_str(&yaml, source_name)
+            .map_err(|error| Error::bad_request(error.to_string()))?;
+        let spec_json = serde_json::to_value(&spec)
+            .map_err(|error| Error::Internal { message: format!("spec to JSON: {error}") })?;
+        let name = spec.name.clone();
+        let world_size = spec.distributed.workers;
+        let now = now();
+        self.store.call(move |db| store::insert_job(db, &name, &yaml, &spec_json, world_size, now)).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobSummary>> {
+        self.store.call(store::list_jobs).await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobDetail> {
+        let id = id.to_string();
+        self.store.call(move |db| store::job_detail(db, &id)).await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<JobSummary> {
+        let id = id.to_string();
+        let now = now();
+        let (summary, unwatched) = self.store.call(move |db| store::cancel(db, &id, now)).await?;
+        self.unwatch(&unwatched);
+        Ok(summary)
+    }
+
+    pub async fn join(&self, job_id: &str, request: JoinRequest) -> Result<Joined> {
+        let job_id = job_id.to_string();
+        let now = now();
+        let joined = self.store.call(move |db| store::join(db, &job_id, &request, now)).await?;
+        self.watch(&joined.worker_id);
+        Ok(joined)
+    }
+
+    pub async fn heartbeat(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        progress: Progress,
+    ) -> Result<HeartbeatAnswer> {
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        let now = now();
+        let (answer, watched) =
+            self.store.call(move |db| store::heartbeat(db, &job, &worker, &progress, now)).await?;
+        if watched {
+            self.watch(worker_id);
+        } else {
+            self.unwatch(&[worker_id.to_string()]);
+        }
+        Ok(answer)
+    }
+
+    pub async fn leave(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        request: LeaveRequest,
+    ) -> Result<HeartbeatAnswer> {
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        let now = now();
+        let (answer, unwatched) =
+            self.store.call(move |db| store::leave(db, &job, &worker, &request, now)).await?;
+        self.unwatch(&unwatched);
+        Ok(answer)
+    }
+
+    pub async fn progress(&self, job_id: &str, limit: u32) -> Result<Vec<ProgressRecord>> {
+        let job_id = job_id.to_string();
+        self.store.call(move |db| store::progress_history(db, &job_id, limit)).await
+    }
+
+    pub(crate) async fn member_counts(&self) -> Result<Vec<(String, MemberState, u64)>> {
+        self.store.call(store::member_counts).await
+    }
+
+    /// Expires every watched worker whose deadline has passed; returns how many expired.
+    pub async fn expire_silent(&self) -> Result<usize> {
+        let now_instant = Instant::now();
+        let silent: Vec<String> = self
+            .deadlines()
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now_instant)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let timeout_s = self.settings.heartbeat_timeout.as_secs_f64();
+        let mut expired = 0;
+        for worker_id in silent {
+            // A heartbeat may have moved the deadline since it was read.
+            if self.deadlines().get(&worker_id).is_some_and(|deadline| *deadline > Instant::now()) {
+                continue;
+            }
+            let id = worker_id.clone();
+            let now = now();
+            let unwatched = self.store.call(move |db| store::expire(db, &id, timeout_s, now)).await?;
+            if unwatched.first() == Some(&worker_id) {
+                expired += 1;
+                tracing::warn!(worker = %worker_id, timeout_s, "worker expired: no heartbeat within the timeout");
+            }
+            self.unwatch(&unwatched);
+            self.unwatch(&[worker_id]);
+        }
+        Ok(expired)
+    }
+}
