@@ -50,6 +50,15 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
                 effnet_report::Error::Io { .. } => 1,
             };
         }
+        if let Some(client_error) = cause.downcast_ref::<effnet_coordinator::ClientError>() {
+            return if client_error.is_bad_input() { 2 } else { 1 };
+        }
+        if let Some(coordinator_error) = cause.downcast_ref::<effnet_coordinator::Error>() {
+            // The state directory is named by the user (--state-dir); the database is not.
+            let bad = matches!(coordinator_error, effnet_coordinator::Error::StateDir { .. })
+                || (400..500).contains(&coordinator_error.status());
+            return if bad { 2 } else { 1 };
+        }
         if let Some(store_error) = cause.downcast_ref::<effnet_store::Error>() {
             return if store_error.is_bad_input() { 2 } else { 1 };
         }

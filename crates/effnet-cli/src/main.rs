@@ -45,6 +45,17 @@ enum Command {
     Run(commands::run::RunArgs),
     /// One rank of a data-parallel job, started by a launcher (mpirun, srun, or RANK/WORLD_SIZE).
     Worker(commands::run::RunArgs),
+    /// Serve the coordinator: jobs, generations of workers, heartbeats, a status page and
+    /// /metrics over HTTP/JSON, state in SQLite under --state-dir.
+    Coordinator(commands::coordinator::CoordinatorArgs),
+    /// Check a job file like `run --check` does its spec, then submit it to a coordinator; prints the job id.
+    Submit(commands::coordinator::SubmitArgs),
+    /// The coordinator's jobs, or one job's generations and workers.
+    Status(commands::coordinator::StatusArgs),
+    /// Cancel a job on the coordinator; its workers are told to stop.
+    Cancel(commands::coordinator::CancelArgs),
+    /// A job's newest progress records (step, epoch, throughput, loss per rank) from the coordinator.
+    Logs(commands::coordinator::LogsArgs),
     /// Evaluate a committed checkpoint on a dataset: top-1/top-5, loss, per-class accuracy,
     /// confusion matrix, parameters, GFLOPs, throughput, peak memory.
     Eval(commands::eval::EvalArgs),
@@ -70,6 +81,11 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Worker(args) => commands::run::worker(args),
+        Command::Coordinator(args) => commands::coordinator::serve(args),
+        Command::Submit(args) => commands::coordinator::submit(args),
+        Command::Status(args) => commands::coordinator::status(args),
+        Command::Cancel(args) => commands::coordinator::cancel(args),
+        Command::Logs(args) => commands::coordinator::logs(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Report(args) => commands::report::run(args),
         Command::Model(command) => commands::model::run(command),

@@ -1,3 +1,4 @@
+pub mod coordinator;
 pub mod data;
 pub mod eval;
 pub mod model;
