@@ -103,7 +103,9 @@ impl BatchNormTensors {
     /// SyncBatchNorm: the mean and the (biased) variance of every rank's samples, in float32
     /// and in two passes (the mean first, then the squared deviations from it), as exact as
     /// one rank holding every sample. Both sums are differentiable, so backward carries the
-    /// matching reductions across ranks. When no rank holds a sample the input is returned.
+    /// matching reductions across ranks. Nothing is read back to the host (no device sync per
+    /// layer on a GPU): when no rank holds a sample the output is empty anyway, and the running
+    /// statistics are left as they were.
     fn synchronised(&self, xs: &Tensor, update: bool, reducer: &dyn CrossReplica) -> Tensor {
         let kind = xs.kind();
         let x = xs.to_kind(Kind::Float);
@@ -118,14 +120,12 @@ impl BatchNormTensors {
             0,
         );
         let sums = reducer.sum(&sums);
-        let count = sums.double_value(&[channels]);
-        if count == 0.0 {
-            return xs.shallow_clone();
-        }
-        let mean = sums.narrow(0, 0, channels) / count;
+        let count = sums.narrow(0, channels, 1).detach();
+        let divisor = count.clamp_min(1.0);
+        let mean = sums.narrow(0, 0, channels) / &divisor;
         let centred = &x - mean.view([1, channels, 1, 1]);
         let variance =
-            reducer.sum(&centred.square().sum_dim_intlist(dims.as_slice(), false, Kind::Float)) / count;
+            reducer.sum(&centred.square().sum_dim_intlist(dims.as_slice(), false, Kind::Float)) / &divisor;
         let normalised = centred * (&variance + self.eps).rsqrt().view([1, channels, 1, 1]);
         let scaled = match &self.weight {
             Some(weight) => normalised * weight.to_kind(Kind::Float).view([1, channels, 1, 1]),
@@ -137,14 +137,15 @@ impl BatchNormTensors {
         };
         if update {
             tch::no_grad(|| {
-                let unbiased =
-                    if count > 1.0 { &variance * (count / (count - 1.0)) } else { variance.shallow_clone() };
+                // Bessel's correction n/(n-1), 1 for a single value; no update without samples.
+                let unbiased = &variance * (&divisor / (&count - 1.0).clamp_min(1.0)).clamp_min(1.0);
+                let momentum = count.gt(0.0).to_kind(Kind::Float) * self.momentum;
                 let mut running_mean = self.running_mean.shallow_clone();
                 let mut running_var = self.running_var.shallow_clone();
-                running_mean *= 1.0 - self.momentum;
-                running_mean += mean.detach() * self.momentum;
-                running_var *= 1.0 - self.momentum;
-                running_var += unbiased.detach() * self.momentum;
+                let new_mean = &running_mean + (mean.detach() - &running_mean) * &momentum;
+                let new_var = &running_var + (unbiased.detach() - &running_var) * &momentum;
+                running_mean.copy_(&new_mean);
+                running_var.copy_(&new_var);
             });
         }
         ys.to_kind(kind)
