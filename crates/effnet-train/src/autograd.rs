@@ -339,6 +339,34 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_reruns_under_the_forwards_autocast() {
+        let weight = Tensor::randn([8, 4, 3, 3], (Kind::Float, Device::Cpu)).requires_grad_(true);
+        let input = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu)).requires_grad_(true);
+        let conv = {
+            let weight = weight.shallow_clone();
+            move |x: &Tensor| x.conv2d(&weight, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1)
+        };
+        // Backward runs outside the autocast region; the rerun must be in bf16 all the same, or
+        // its gradients would be float32 ones and differ from the plain bf16 run's.
+        let plain = crate::amp::autocast_bf16(Device::Cpu, || conv(&input)).unwrap();
+        assert_eq!(plain.kind(), Kind::BFloat16);
+        plain.to_kind(Kind::Float).square().sum(Kind::Float).backward();
+        let expected = weight.grad().copy();
+        let _ = weight.grad().zero_();
+        let checkpointed = crate::amp::autocast_bf16(Device::Cpu, || {
+            checkpoint(&input, Box::new(move |_, x| Ok(conv(x)))).unwrap()
+        })
+        .unwrap();
+        assert_eq!(checkpointed.kind(), Kind::BFloat16);
+        checkpointed.to_kind(Kind::Float).square().sum(Kind::Float).backward();
+        assert!(
+            weight.grad().equal(&expected),
+            "{:e}",
+            (weight.grad() - expected).abs().max().double_value(&[])
+        );
+    }
+
+    #[test]
     fn post_accumulate_hooks_fire_once_per_parameter_and_are_removed() {
         let a = Tensor::ones([2], (Kind::Float, Device::Cpu)).requires_grad_(true);
         let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).requires_grad_(true);
