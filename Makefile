@@ -5,7 +5,8 @@
 #   make build CUDA=1 same, linked against libtorch_cuda (installs torch's CUDA wheels first)
 #   make demo         the main job
 #   make test         fmt, clippy, all tests (installs the Python reference stack for parity tests)
-#   make bench        benchmarks against PyTorch (model step, input pipeline, training); figures in docs/benchmarks.md
+#   make bench        benchmarks against PyTorch (model step, input pipeline, training) and the
+#                     coordinator under 1,000 heartbeating workers; figures in docs/benchmarks.md
 #   make device-bundle the CUDA build stripped and packed for a GPU machine without build tools:
 #                     target/device/effnet-device.tar.xz, run there by scripts/device-check.sh (docs/gpu.md)
 
@@ -44,6 +45,7 @@ bench: venv-reference
 	@scripts/bench-train.sh
 	@scripts/bench-precision.sh
 	@scripts/bench-distributed.sh
+	@scripts/bench-coordinator.sh
 
 device-bundle:
 	@EFFNET_TORCH=cuda CARGO=$(CARGO) scripts/device-bundle.sh
