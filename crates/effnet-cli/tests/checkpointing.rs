@@ -5,8 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{effnet, metric_records, synthetic_dataset};
-use effnet_train::tensors::from_safetensors;
+use common::{effnet, metric_records, model_weights, synthetic_dataset};
 
 /// A job of `steps` SGD steps over `data` with drop path and dropout on (their masks must be
 /// replayed exactly when a block is recomputed).
@@ -53,14 +52,6 @@ fn run(yaml: &Path, checkpointing: bool) -> common::Outcome {
     outcome
 }
 
-fn weights(job_dir: &Path, step: u64) -> Vec<(String, tch::Tensor)> {
-    let path = job_dir.join(format!("checkpoints/step-{step:08}/model.safetensors"));
-    let mut tensors: Vec<(String, tch::Tensor)> =
-        from_safetensors(&std::fs::read(path).unwrap()).unwrap().into_iter().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors
-}
-
 #[test]
 fn recomputed_blocks_train_bit_for_bit_like_kept_activations() {
     let data = tempfile::tempdir().unwrap();
@@ -78,7 +69,10 @@ fn recomputed_blocks_train_bit_for_bit_like_kept_activations() {
     assert_eq!(losses(plain.path()), losses(recomputed.path()));
     // Every weight, gradient-driven and running statistic alike: the rerun in backward draws the
     // same drop-path masks and leaves the running statistics as the forward pass left them.
-    let (a, b) = (weights(&plain.path().join("job"), steps), weights(&recomputed.path().join("job"), steps));
+    let (a, b) = (
+        model_weights(&plain.path().join("job"), steps),
+        model_weights(&recomputed.path().join("job"), steps),
+    );
     assert_eq!(a.len(), b.len());
     for ((name, x), (other, y)) in a.iter().zip(&b) {
         assert_eq!(name, other);

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
 use common::{assert_bad_input, effnet, run_and_kill_after, synthetic_dataset};
-use effnet_train::tensors::from_safetensors;
 
 /// Rows per row group = the per-rank batch, so with the shuffle buffer off (1) rank r's batch
 /// at step s is row group `plan[2s + r]`, exactly micro-batch r of a single process's step s.
@@ -81,10 +80,7 @@ distributed:
 }
 
 fn parameters_at(dir: &Path, step: u64) -> Vec<(String, tch::Tensor)> {
-    let bytes = std::fs::read(dir.join(format!("job/checkpoints/step-{step:08}/model.safetensors"))).unwrap();
-    let mut tensors: Vec<(String, tch::Tensor)> = from_safetensors(&bytes).unwrap().into_iter().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors
+    common::model_weights(&dir.join("job"), step)
 }
 
 #[test]

@@ -45,6 +45,16 @@ pub fn eval_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// Assert exit status 2 and exactly one non-empty line on stderr containing every `needle`.
+/// The model weights of a job directory's checkpoint at `step`, sorted by name.
+pub fn model_weights(job_dir: &Path, step: u64) -> Vec<(String, tch::Tensor)> {
+    let path = job_dir.join(format!("checkpoints/step-{step:08}/model.safetensors"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut tensors: Vec<(String, tch::Tensor)> =
+        effnet_train::tensors::from_safetensors(&bytes).unwrap().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
 /// The records of `kind` (`start`, `step`, ...) in a job directory's metrics file, in order.
 pub fn metric_records(job_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(job_dir.join("metrics.jsonl")).expect("metrics file");
