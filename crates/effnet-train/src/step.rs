@@ -52,8 +52,10 @@ pub struct TrainStep {
     pub grad_clip_norm: Option<f64>,
     /// `[channels, height, width]` of one input image (the shape of an empty micro-batch).
     pub input_shape: [i64; 3],
-    /// Gradient buckets all-reduced while backward runs (`distributed.overlap`, several ranks).
-    pub overlap: Option<Buckets>,
+    /// The gradient buckets of the all-reduce (several ranks).
+    pub buckets: Option<Buckets>,
+    /// All-reduce the buckets while backward runs (`distributed.overlap`), not after it.
+    pub overlap: bool,
     /// SyncBatchNorm's link to the step's communication thread (`model.sync_batch_norm`, several
     /// ranks). Every rank then runs `accumulate` forward passes per step, empty ones included,
     /// so the ranks' statistics sums pair up.
@@ -75,7 +77,8 @@ impl TrainStep {
             label_smoothing: spec.optimizer.label_smoothing,
             grad_clip_norm: spec.optimizer.grad_clip_norm,
             input_shape,
-            overlap: None,
+            buckets: None,
+            overlap: spec.distributed.overlap,
             sync_batch_norm: None,
         }
     }
@@ -97,11 +100,15 @@ impl TrainStep {
         let mut comm = Duration::ZERO;
         let (totals, ranks) = match parallel {
             Some(parallel) => {
-                let overlapped = self.overlap.is_some() || self.sync_batch_norm.is_some();
-                let loss_sum = if overlapped {
+                let buckets = self
+                    .buckets
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("a data-parallel step without gradient buckets".into()))?;
+                let overlap = self.overlap.then_some(buckets);
+                let loss_sum = if overlap.is_some() || self.sync_batch_norm.is_some() {
                     parallel.with_comm_thread(|queue| -> Result<f64> {
                         let _attached = self.sync_batch_norm.as_ref().map(|sync| sync.attach(queue));
-                        let summed = self.overlap.as_ref().map(|b| OverlappedSum::new(queue, &parameters, b));
+                        let summed = overlap.map(|b| OverlappedSum::new(queue, &parameters, b));
                         let loss_sum =
                             self.forward_backward(step, input, network, &parameters, summed.as_ref())?;
                         if let Some(summed) = summed {
@@ -118,11 +125,11 @@ impl TrainStep {
                 let mut totals =
                     [loss_sum, local_samples as f64, input.skipped.len() as f64, f64::from(input.share_done)];
                 parallel.sum(&mut totals)?;
-                if totals[1] > 0.0 && self.overlap.is_none() {
+                if totals[1] > 0.0 && overlap.is_none() {
                     if local_samples == 0 {
                         network.define_gradients();
                     }
-                    parallel.sum_gradients(&parameters)?;
+                    parallel.sum_gradients(&parameters, buckets)?;
                 }
                 comm = parallel.take_comm_time();
                 (totals, parallel.world_size())

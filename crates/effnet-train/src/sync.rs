@@ -2,7 +2,7 @@
 //!
 //! - [`DataParallel::broadcast_variables`]: every parameter and buffer from rank 0 (start, resume).
 //! - [`DataParallel::sum_gradients`]: gradients packed into buckets of about
-//!   `distributed.bucket_mb`, summed across ranks (optionally carried as bf16), then written
+//!   `distributed.bucket_mb` ([`DataParallel::buckets`]), summed across ranks (optionally carried as bf16), then written
 //!   back; the step divides the sum by the global sample count, so ranks with short or empty
 //!   batches weigh exactly their samples and every rank steps on the same mean gradient.
 //! - [`DataParallel::with_comm_thread`]: a thread that owns the collective during a step and
@@ -135,38 +135,16 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Sum the gradients of `parameters` across ranks, bucket by bucket (name order).
-    /// Parameters without a gradient contribute zeros and are left without one.
-    pub fn sum_gradients(&mut self, parameters: &[(String, Tensor)]) -> Result<()> {
-        let grads: Vec<(Tensor, bool)> = parameters
-            .iter()
-            .map(|(_, p)| {
-                let g = p.grad();
-                if g.defined() { (g, true) } else { (p.zeros_like(), false) }
-            })
-            .collect();
-        let element_bytes = self.gradient_dtype.bytes();
+    /// Sum the gradients of `parameters` across ranks after backward, bucket by bucket (the
+    /// buckets of [`DataParallel::buckets`], in order). Parameters without a gradient contribute
+    /// zeros and are left without one.
+    pub fn sum_gradients(&mut self, parameters: &[(String, Tensor)], buckets: &Buckets) -> Result<()> {
+        let parameters: Vec<Tensor> = parameters.iter().map(|(_, t)| t.shallow_clone()).collect();
         let device = self.comm_device();
-        let kind = self.gradient_dtype.kind();
-        let mut start = 0;
-        while start < grads.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < grads.len()
-                && (end == start || bytes + grads[end].0.numel() * element_bytes <= self.bucket_bytes)
-            {
-                bytes += grads[end].0.numel() * element_bytes;
-                end += 1;
-            }
-            let bucket: Vec<&Tensor> = grads[start..end].iter().map(|(g, _)| g).collect();
-            let flat = tch::no_grad(|| {
-                Tensor::cat(&bucket.iter().map(|g| g.reshape([-1]).to_device(device)).collect::<Vec<_>>(), 0)
-                    .to_kind(kind)
-            });
+        for bucket in 0..buckets.len() {
+            let flat = buckets.pack(&parameters, bucket, device);
             self.on_tensor(&flat, |c, buffer| c.all_reduce(buffer, ReduceOp::Sum))?;
-            let written: Vec<&Tensor> = grads[start..end].iter().map(|(g, _)| g).collect();
-            write_back(&written, &flat);
-            start = end;
+            buckets.unpack(&parameters, bucket, &flat);
         }
         Ok(())
     }
@@ -282,8 +260,8 @@ impl DataParallel {
         output
     }
 
-    /// The trainable parameters split into buckets of about `distributed.bucket_mb` for
-    /// [`OverlappedSum`], in the reverse of `registration` order (the order the model creates
+    /// The trainable parameters split into buckets of about `distributed.bucket_mb` (for
+    /// [`DataParallel::sum_gradients`] and [`OverlappedSum`]), in the reverse of `registration` order (the order the model creates
     /// them: stem first), so the buckets whose gradients backward produces first come first.
     /// `parameters` and `registration` hold the same tensors.
     pub fn buckets(&self, parameters: &[(String, Tensor)], registration: &[&Tensor]) -> Buckets {
@@ -384,6 +362,35 @@ impl Buckets {
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
+
+    /// The gradients of bucket `bucket` packed into one flat tensor of the wire's element type on
+    /// `device` (zeros for a parameter without a gradient).
+    fn pack(&self, parameters: &[Tensor], bucket: usize, device: Device) -> Tensor {
+        tch::no_grad(|| {
+            let parts: Vec<Tensor> = self.buckets[bucket]
+                .iter()
+                .map(|&i| {
+                    let grad = parameters[i].grad();
+                    let grad = if grad.defined() { grad } else { parameters[i].zeros_like() };
+                    grad.reshape([-1]).to_device(device).to_kind(self.kind)
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        })
+    }
+
+    /// Write a bucket's reduced `flat` back into the gradients (a parameter without one gets a
+    /// throwaway buffer: it stays without one).
+    fn unpack(&self, parameters: &[Tensor], bucket: usize, flat: &Tensor) {
+        let targets: Vec<Tensor> = self.buckets[bucket]
+            .iter()
+            .map(|&i| {
+                let grad = parameters[i].grad();
+                if grad.defined() { grad } else { parameters[i].zeros_like() }
+            })
+            .collect();
+        write_back(&targets.iter().collect::<Vec<_>>(), flat);
+    }
 }
 
 struct OverlapState {
@@ -434,26 +441,10 @@ impl<'a> OverlappedSum<'a> {
 
     fn launch_ready(&self, state: &mut OverlapState) {
         while state.next < self.buckets.len() && state.waiting[state.next] == 0 {
-            let flat = self.pack(&state.parameters, state.next);
+            let flat = self.buckets.pack(&state.parameters, state.next, self.queue.device);
             state.launched.push(self.queue.start(&flat, ReduceOp::Sum));
             state.next += 1;
         }
-    }
-
-    fn pack(&self, parameters: &[Tensor], bucket: usize) -> Tensor {
-        let device = self.queue.device;
-        tch::no_grad(|| {
-            let parts: Vec<Tensor> = self.buckets.buckets[bucket]
-                .iter()
-                .map(|&i| {
-                    let parameter = &parameters[i];
-                    let grad = parameter.grad();
-                    let grad = if grad.defined() { grad } else { parameter.zeros_like() };
-                    grad.reshape([-1]).to_device(device).to_kind(self.buckets.kind)
-                })
-                .collect();
-            Tensor::cat(&parts, 0)
-        })
     }
 
     /// Launch the buckets not launched yet, wait for every sum and write it back into the
@@ -466,17 +457,7 @@ impl<'a> OverlappedSum<'a> {
             (std::mem::take(&mut state.launched), std::mem::take(&mut state.parameters))
         };
         for (bucket, pending) in launched.into_iter().enumerate() {
-            let flat = pending.wait()?;
-            let grads: Vec<(Tensor, bool)> = self.buckets.buckets[bucket]
-                .iter()
-                .map(|&i| {
-                    let parameter = &parameters[i];
-                    let grad = parameter.grad();
-                    if grad.defined() { (grad, true) } else { (parameter.zeros_like(), false) }
-                })
-                .collect();
-            let targets: Vec<&Tensor> = grads.iter().map(|(g, _)| g).collect();
-            write_back(&targets, &flat);
+            self.buckets.unpack(&parameters, bucket, &pending.wait()?);
         }
         Ok(())
     }

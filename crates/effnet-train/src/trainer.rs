@@ -211,11 +211,8 @@ impl<'a> Training<'a> {
         });
         let mut step = TrainStep::from_config(spec, rank, [spec.model.input_channels as i64, height, width]);
         step.sync_batch_norm = sync_batch_norm;
-        if let Some(parallel) = parallel.as_deref()
-            && spec.distributed.overlap
-        {
-            step.overlap = Some(parallel.buckets(&optimizer.parameters(), &network.model.parameters()));
-        }
+        step.buckets =
+            parallel.as_deref().map(|p| p.buckets(&optimizer.parameters(), &network.model.parameters()));
         let evaluator = Evaluator::from_config(spec, val, eval_transform, plan.eval_every);
         let checkpointer = Checkpointer::from_config(spec, rank == 0)?;
         let mut training = Training {
@@ -610,7 +607,7 @@ impl<'a> Training<'a> {
                 "sync_batch_norm": self.step.sync_batch_norm.is_some(),
                 "activation_checkpointing": self.spec.model.activation_checkpointing,
                 // Gradient buckets all-reduced during backward (`distributed.overlap`).
-                "overlap_buckets": self.step.overlap.as_ref().map(|b| b.len()),
+                "overlap_buckets": self.step.buckets.as_ref().filter(|_| self.step.overlap).map(|b| b.len()),
                 "model": &self.plan.model,
                 "environment": crate::metrics::environment(device),
             }),
