@@ -11,29 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${BENCH_STEPS:-60}"
 WARMUP="${BENCH_WARMUP:-10}"
-EFFNET=target/release/effnet
-DATA=.work/fashion-mnist
-[[ -f "$DATA/train/_manifest.json" ]] || "$EFFNET" prepare --from fashion-mnist --out "$DATA"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+source scripts/fmnist-bench.sh
 
 job() { # name workers batch threads gradient_dtype [overlap] [bucket_mb]
-  cat > "$WORK/$1.yaml" <<YAML
-name: bench-$1
-job_dir: $WORK/$1
-model: {variant: b0, input_channels: 1, resolution: 32, dropout: 0.2, drop_path: {rate: 0.2}}
-data:
-  train: $DATA/train
-  batch_size: $3
-  loader_threads: 1
-  normalization: fashion_mnist
-  augmentation: {crop_scale: [0.6, 1.0], crop_ratio: [0.8, 1.25]}
-optimizer: {kind: adamw, lr: 0.008, weight_decay: 0.05, label_smoothing: 0.1}
-schedule: {kind: cosine, warmup_steps: 10}
-training: {steps: $((STEPS + WARMUP)), threads: $4, ema: {enabled: false}}
-checkpoint: {at_epoch_end: false}
-distributed: {workers: $2, backend: $([[ $2 == 1 ]] && echo local || echo mpi), gradient_dtype: $5, overlap: ${6:-true}, bucket_mb: ${7:-25}}
-YAML
+  local backend
+  backend=$([[ $2 == 1 ]] && echo local || echo mpi)
+  bench_job "$WORK/$1.yaml" "$1" $((STEPS + WARMUP)) "$3" "$4" \
+    "distributed: {workers: $2, backend: $backend, gradient_dtype: $5, overlap: ${6:-true}, bucket_mb: ${7:-25}}"
   "$EFFNET" run "$WORK/$1.yaml" --progress never > /dev/null
 }
 

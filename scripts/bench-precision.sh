@@ -8,26 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${BENCH_STEPS:-60}"
 WARMUP="${BENCH_WARMUP:-10}"
-EFFNET=target/release/effnet
-DATA=.work/fashion-mnist
-[[ -f "$DATA/train/_manifest.json" ]] || "$EFFNET" prepare --from fashion-mnist --out "$DATA"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
-cat > "$WORK/job.yaml" <<YAML
-name: bench-precision
-job_dir: $WORK/unused
-model: {variant: b0, input_channels: 1, resolution: 32, dropout: 0.2, drop_path: {rate: 0.2}}
-data:
-  train: $DATA/train
-  batch_size: 64
-  loader_threads: 1
-  normalization: fashion_mnist
-  augmentation: {crop_scale: [0.6, 1.0], crop_ratio: [0.8, 1.25]}
-optimizer: {kind: adamw, lr: 0.008, weight_decay: 0.05, label_smoothing: 0.1}
-schedule: {kind: cosine, warmup_steps: 10}
-training: {steps: $((STEPS + WARMUP)), threads: 2, ema: {enabled: false}}
-checkpoint: {at_epoch_end: false}
-YAML
+source scripts/fmnist-bench.sh
+bench_job "$WORK/job.yaml" precision $((STEPS + WARMUP)) 64 2
 for precision in fp32 bf16; do
   for layout in false true; do
     "$EFFNET" run "$WORK/job.yaml" --progress never --set "job_dir=$WORK/$precision-$layout" \

@@ -8,29 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${BENCH_STEPS:-100}"
 WARMUP="${BENCH_WARMUP:-10}"
-EFFNET=target/release/effnet
-DATA=.work/fashion-mnist
-[[ -f "$DATA/train/_manifest.json" ]] || "$EFFNET" prepare --from fashion-mnist --out "$DATA"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
-cat > "$WORK/job.yaml" <<YAML
-name: bench-train
-job_dir: $WORK/job
-model: {variant: b0, input_channels: 1, resolution: 32, dropout: 0.2, drop_path: {rate: 0.2}}
-data:
-  train: $DATA/train
-  batch_size: 64
-  loader_threads: 1
-  normalization: fashion_mnist
-  augmentation: {crop_scale: [0.6, 1.0], crop_ratio: [0.8, 1.25]}
-optimizer: {kind: adamw, lr: 0.008, weight_decay: 0.05, label_smoothing: 0.1}
-schedule: {kind: cosine, warmup_steps: 10}
-training: {steps: $((STEPS + WARMUP)), threads: 2, ema: {enabled: false}}
-checkpoint: {at_epoch_end: false}
-YAML
+source scripts/fmnist-bench.sh
+bench_job "$WORK/job.yaml" train $((STEPS + WARMUP)) 64 2
 "$EFFNET" run "$WORK/job.yaml" --progress never > /dev/null
 .venv/bin/python benches/pytorch_train_fmnist.py > "$WORK/pytorch.json"
-.venv/bin/python - "$WORK/job/metrics.jsonl" "$WORK/pytorch.json" "$WARMUP" <<'PY'
+.venv/bin/python - "$WORK/train/metrics.jsonl" "$WORK/pytorch.json" "$WARMUP" <<'PY'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1])]
 steps = [s for s in steps if s["type"] == "step" and s["step"] > int(sys.argv[3])]
