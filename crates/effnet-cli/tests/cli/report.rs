@@ -3,15 +3,14 @@
 //! evaluator's (`effnet eval --json` on the final checkpoint); the HTML is opened in headless
 //! Chromium; bad job directories get one clear line.
 
-#[path = "common/browser.rs"]
-mod browser;
-mod common;
+use crate::common;
+use crate::common::browser;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_bad_input, effnet, synthetic_dataset};
+use crate::common::{assert_bad_input, effnet, synthetic_dataset};
 use effnet_report::format::{count, percent};
 use serde_json::Value;
 

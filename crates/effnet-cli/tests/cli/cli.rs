@@ -1,8 +1,6 @@
 //! `effnet model summary|infer` end to end through the binary.
 
-mod common;
-
-use common::{assert_bad_input, effnet};
+use crate::common::{assert_bad_input, effnet};
 use effnet_model::{EfficientNet, EfficientNetConfig, Variant, save_safetensors};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor, nn, nn::ModuleT};

@@ -3,14 +3,12 @@
 //! × row-group size, when samples are corrupt, and after a SIGKILL mid-epoch resumed at another
 //! world size (1 or 3 ranks; the rest of the epoch is re-dealt).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use common::{effnet, run_and_kill_after, sample_lines, synthetic_dataset_with_corrupt};
+use crate::common::{effnet, run_and_kill_after, sample_lines, synthetic_dataset_with_corrupt};
 
 /// 1,006 samples in row groups of 16 (62 of 16 and one of 14), 3 of them corrupt: 1,003 good.
 /// Two ranks of batch 8 make a global batch of 16; 1,006 is no multiple of 2 × 8 × 16.

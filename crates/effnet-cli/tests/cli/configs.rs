@@ -4,8 +4,6 @@
 //! dropout, drop path, RandAugment and precision (bf16). The files are used as shipped; only
 //! where and how long they run changes, through `--set`.
 
-mod common;
-
 use std::path::Path;
 use std::time::Instant;
 
@@ -13,7 +11,7 @@ use effnet_config::{JobSpec, Precision};
 use image::codecs::jpeg::JpegEncoder;
 use serde_json::Value;
 
-use common::{effnet, workspace_root};
+use crate::common::{effnet, workspace_root};
 
 /// (width, height) of the images of each class: sizes around ImageNet's, none already at a
 /// variant's resolution, landscape and portrait, so every crop and resize path is taken.

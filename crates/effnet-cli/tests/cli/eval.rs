@@ -1,11 +1,9 @@
 //! `effnet eval` on committed checkpoints of a real (short) training run: the same numbers as the
 //! trainer's own evaluation, deterministic, consistent per-class figures, and bad input.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{assert_bad_input, effnet, eval_json, synthetic_dataset};
+use crate::common::{assert_bad_input, effnet, eval_json, synthetic_dataset};
 use effnet_data::writer::{DatasetWriter, WriterOptions};
 
 struct Trained {

@@ -1,12 +1,10 @@
 //! `effnet coordinator` as a process, driven by `effnet submit/status/cancel/logs`.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::{Outcome, assert_bad_input, effnet_with_env};
+use crate::common::{Outcome, assert_bad_input, effnet_with_env};
 
 const TOKEN: &str = "cli-test-token";
 

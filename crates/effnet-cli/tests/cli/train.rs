@@ -1,14 +1,14 @@
 //! `effnet run` end to end: exact resume after SIGKILL, checkpoint compatibility, bad job files,
 //! and learning on real Fashion-MNIST.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_bad_input, effnet, effnet_with_env, synthetic_dataset, workspace_root};
+use crate::common::{assert_bad_input, effnet, effnet_with_env, synthetic_dataset, workspace_root};
 
 struct Job {
     dir: PathBuf,

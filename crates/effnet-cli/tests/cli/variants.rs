@@ -3,11 +3,9 @@
 //! custom phi, and both print the table's values. The job spec once resolved a custom phi with
 //! its own copy of the table (phi 1: 258 px, dropout 0.2) while the model used 256 px and 0.25.
 
-mod common;
-
 use std::path::Path;
 
-use common::{CLASSES, effnet, synthetic_dataset};
+use crate::common::{CLASSES, effnet, synthetic_dataset};
 use serde_json::Value;
 
 /// What both commands print about the network.

@@ -1,13 +1,13 @@
 //! Data-parallel training under a real `mpirun` (Open MPI): the central correctness test (2 ranks ×
 //! batch B against 1 rank × batch 2B on the same samples), the launcher, and bad set-ups.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use common::{assert_bad_input, effnet, run_and_kill_after, synthetic_dataset};
+use crate::common::{assert_bad_input, effnet, run_and_kill_after, synthetic_dataset};
 
 /// Rows per row group = the per-rank batch, so with the shuffle buffer off (1) rank r's batch
 /// at step s is row group `plan[2s + r]`, exactly micro-batch r of a single process's step s.

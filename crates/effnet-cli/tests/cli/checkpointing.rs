@@ -1,11 +1,11 @@
 //! Activation checkpointing (`model.activation_checkpointing`): the same training, bit for bit,
 //! with less memory.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::{effnet, metric_records, model_weights, synthetic_dataset};
+use crate::common::{effnet, metric_records, model_weights, synthetic_dataset};
 
 /// A job of `steps` SGD steps over `data` with drop path and dropout on (their masks must be
 /// replayed exactly when a block is recomputed).

@@ -1,10 +1,8 @@
 //! `effnet prepare` and `effnet data inspect|verify` through the binary.
 
-mod common;
-
 use std::path::Path;
 
-use common::{assert_bad_input, effnet};
+use crate::common::{assert_bad_input, effnet};
 use effnet_data::prepare::encode_grey_png;
 use effnet_data::writer::{DatasetWriter, WriterOptions};
 use serde_json::Value;

@@ -2,14 +2,12 @@
 //! shows the overridden job, and the launcher hands the overrides to every worker, so the job
 //! directory of a 2-rank run records the overridden spec.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tempfile::TempDir;
 
-use common::{assert_bad_input, effnet, synthetic_dataset};
+use crate::common::{assert_bad_input, effnet, synthetic_dataset};
 
 fn data_dir() -> TempDir {
     let dir = tempfile::tempdir().unwrap();

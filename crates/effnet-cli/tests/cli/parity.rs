@@ -3,13 +3,11 @@
 //! `effnet model infer`, and the logits compared. The script calibrates BatchNorm statistics so
 //! logits are far from zero (with untouched statistics any model would "match").
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{assert_bad_input, effnet, workspace_root};
+use crate::common::{assert_bad_input, effnet, workspace_root};
 use serde_json::{Value, json};
 use tch::Tensor;
 
