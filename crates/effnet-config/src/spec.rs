@@ -559,6 +559,9 @@ pub struct DistributedConfig {
     /// All-reduce each gradient bucket as soon as backward has produced it, while backward goes
     /// on with the rest (PyTorch DDP's overlap), instead of all of them after backward.
     pub overlap: bool,
+    /// How many times a job may restart (a new generation of workers after a worker died, a
+    /// collective failed or a worker went silent) before it fails.
+    pub max_restarts: u32,
 }
 
 impl Default for DistributedConfig {
@@ -571,6 +574,7 @@ impl Default for DistributedConfig {
             gradient_dtype: GradientDtype::F32,
             timeout_s: 300.0,
             overlap: true,
+            max_restarts: 3,
         }
     }
 }

@@ -526,3 +526,32 @@ fn load_names_the_file() {
         format!("{}:6:15: data.batch_size: invalid value -3, expected a positive integer", bad.display())
     );
 }
+
+/// `effnet run` submits a job of several workers to its coordinator as the resolved spec in
+/// JSON (overrides applied), which the coordinator and every worker read back as YAML: the round
+/// trip must give the same spec, for every shipped config and for settings off their defaults.
+#[test]
+fn the_spec_as_json_reads_back_as_the_same_spec() {
+    let mut specs = Vec::new();
+    for entry in std::fs::read_dir(configs_dir()).expect("configs/") {
+        let path = entry.expect("configs/ entry").path();
+        if path.extension().is_some_and(|extension| extension == "yaml") {
+            specs.push(JobSpec::load(&path).unwrap_or_else(|error| panic!("{error}")));
+        }
+    }
+    specs.push(parse(
+        "name: custom
+model: {phi: 1.5, alpha: 1.1, beta: 1.05, resolution: 100, input_channels: 1}
+data: {train: s3://bucket/train, val: s3://bucket/val, batch_size: 7}
+training: {steps: 1234, precision: bf16}
+distributed: {workers: 3, max_restarts: 0, gradient_dtype: bf16, overlap: false}
+checkpoint: {every_steps: 50, keep_last: 2}
+",
+    ));
+    for spec in specs {
+        let json = serde_json::to_string_pretty(&spec).unwrap();
+        let back =
+            JobSpec::from_yaml_str(&json, "spec.json").unwrap_or_else(|error| panic!("{error}\n{json}"));
+        assert_eq!(back, spec, "{json}");
+    }
+}

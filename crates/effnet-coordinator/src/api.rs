@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::protocol::{ErrorBody, JoinRequest, LeaveRequest, Progress};
+use crate::protocol::{ErrorBody, JoinRequest, LeaveRequest, Progress, RestartRequest};
 use crate::state::State;
 use crate::{metrics, page};
 
@@ -47,6 +47,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/jobs", post(submit).get(list))
         .route("/v1/jobs/{job}", get(show))
         .route("/v1/jobs/{job}/cancel", post(cancel))
+        .route("/v1/jobs/{job}/restart", post(restart))
         .route("/v1/jobs/{job}/progress", get(progress))
         .route("/v1/jobs/{job}/workers", post(join))
         .route("/v1/jobs/{job}/workers/{worker}/heartbeat", post(heartbeat))
@@ -132,6 +133,17 @@ async fn cancel(
 ) -> Answer<Json<crate::protocol::JobSummary>> {
     let summary = state.cancel(&job).await?;
     tracing::info!(job = %job, "job cancelled");
+    Ok(Json(summary))
+}
+
+async fn restart(
+    Shared(state): Shared<Arc<State>>,
+    Path(job): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer<Json<crate::protocol::JobSummary>> {
+    let request: RestartRequest = json_body(&body(&state, bytes)?, "restart request")?;
+    let summary = state.restart(&job, request).await?;
+    tracing::info!(job = %job, state = %summary.state, restarts = summary.restarts, "generation ended by the engine");
     Ok(Json(summary))
 }
 

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 use crate::protocol::{
     ErrorBody, HeartbeatAnswer, JobDetail, JobSummary, JoinRequest, Joined, LeaveRequest, Progress,
-    ProgressRecord, Submitted,
+    ProgressRecord, RestartRequest, Submitted,
 };
 
 #[non_exhaustive]
@@ -45,7 +45,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// `base_url` like `http://127.0.0.1:7700`; a trailing `/` is ignored.
+    /// `base_url` like `http://127.0.0.1:7700`; a trailing `/` is ignored. Requests time out
+    /// after 30 s. A client's pooled connections belong to the tokio runtime that opened them:
+    /// give each runtime its own client (a clone shares the pool).
     pub fn new(base_url: &str, token: &str) -> ClientResult<Client> {
         let base_url = base_url.trim_end_matches('/').to_string();
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
@@ -54,7 +56,10 @@ impl Client {
                 reason: "must start with http:// or https://".into(),
             });
         }
+        // A coordinator that stops answering must not hang a worker's heartbeat for ever.
         let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|source| ClientError::Transport { url: base_url.clone(), source })?;
         Ok(Client { http, base_url, token: token.to_string() })
@@ -113,6 +118,12 @@ impl Client {
 
     pub async fn cancel(&self, id: &str) -> ClientResult<JobSummary> {
         self.send(Method::POST, &format!("/v1/jobs/{}/cancel", encode(id)), Body::None).await
+    }
+
+    /// Ends the job's newest generation now (an engine saw its workers fail).
+    pub async fn restart(&self, id: &str, reason: &str, give_up: bool) -> ClientResult<JobSummary> {
+        let request = RestartRequest { reason: Some(reason.to_string()), give_up };
+        self.send(Method::POST, &format!("/v1/jobs/{}/restart", encode(id)), Body::json(&request)).await
     }
 
     pub async fn progress(&self, id: &str, limit: u32) -> ClientResult<Vec<ProgressRecord>> {

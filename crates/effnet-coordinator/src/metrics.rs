@@ -100,6 +100,8 @@ mod tests {
                 url: "file:///c/step-100".into(),
                 reported_at: 90.0,
             }),
+            reason: None,
+            max_restarts: 3,
         }
     }
 

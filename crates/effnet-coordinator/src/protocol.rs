@@ -181,6 +181,10 @@ pub struct JobSummary {
     /// Rank 0's latest loss (rank 0 holds the job's view of the loss).
     pub loss: Option<f64>,
     pub last_checkpoint: Option<LastCheckpoint>,
+    /// Why the job failed or was cancelled (`None` while it runs and when it succeeded).
+    pub reason: Option<String>,
+    /// `distributed.max_restarts` of the spec.
+    pub max_restarts: u32,
 }
 
 /// A generation as `GET /v1/jobs/{id}` shows it.
@@ -192,6 +196,10 @@ pub struct Generation {
     pub end_reason: Option<String>,
     pub started_at: f64,
     pub ended_at: Option<f64>,
+    /// The checkpoint every rank of this generation resumes from, chosen once when the
+    /// generation formed: the newest one any worker of the job reported committed (`None`: the
+    /// job's newest in its checkpoint store, or step 0).
+    pub resume: Option<CheckpointReport>,
 }
 
 /// A worker of a generation.
@@ -249,6 +257,10 @@ pub struct Joined {
     /// Members joined so far; the generation runs when this reaches `world_size`.
     pub members: u32,
     pub generation_state: GenerationState,
+    /// The generation's resume checkpoint (see [`Generation::resume`]).
+    pub resume: Option<CheckpointReport>,
+    /// How often to heartbeat: a fifth of the coordinator's heartbeat timeout.
+    pub heartbeat_interval_s: f64,
 }
 
 /// `POST .../heartbeat` body: the worker's progress, every field optional.
@@ -287,6 +299,8 @@ pub struct HeartbeatAnswer {
     pub rank: u32,
     pub world_size: u32,
     pub members: u32,
+    /// The generation's resume checkpoint (see [`Generation::resume`]).
+    pub resume: Option<CheckpointReport>,
 }
 
 /// Why a worker leaves.
@@ -308,6 +322,16 @@ pub struct LeaveRequest {
     pub outcome: LeaveOutcome,
     #[serde(default)]
     pub message: Option<String>,
+}
+
+/// `POST /v1/jobs/{id}/restart` body: an engine (or `effnet run`) saw the generation's workers
+/// fail and ends the generation now instead of after the heartbeat timeout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartRequest {
+    pub reason: Option<String>,
+    /// The engine will not relaunch (its workers failed on bad input): the job fails now.
+    pub give_up: bool,
 }
 
 /// One recorded step of a worker (`GET /v1/jobs/{id}/progress`).

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 use crate::protocol::{
     HeartbeatAnswer, JobDetail, JobSummary, JoinRequest, Joined, LeaveRequest, MemberState, Progress,
-    ProgressRecord, Submitted,
+    ProgressRecord, RestartRequest, Submitted,
 };
 use crate::store::{self, Store};
 
@@ -107,9 +107,11 @@ impl State {
         let spec_json = serde_json::to_value(&spec)
             .map_err(|error| Error::Internal { message: format!("spec to JSON: {error}") })?;
         let name = spec.name.clone();
-        let world_size = spec.distributed.workers;
+        let (world_size, max_restarts) = (spec.distributed.workers, spec.distributed.max_restarts);
         let now = now();
-        self.store.call(move |db| store::insert_job(db, &name, &yaml, &spec_json, world_size, now)).await
+        self.store
+            .call(move |db| store::insert_job(db, &name, &yaml, &spec_json, world_size, max_restarts, now))
+            .await
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobSummary>> {
@@ -132,9 +134,21 @@ impl State {
     pub async fn join(&self, job_id: &str, request: JoinRequest) -> Result<Joined> {
         let job_id = job_id.to_string();
         let now = now();
-        let joined = self.store.call(move |db| store::join(db, &job_id, &request, now)).await?;
+        let mut joined = self.store.call(move |db| store::join(db, &job_id, &request, now)).await?;
+        joined.heartbeat_interval_s = self.settings.heartbeat_timeout.as_secs_f64() / 5.0;
         self.watch(&joined.worker_id);
         Ok(joined)
+    }
+
+    /// Ends the job's newest generation now, for an engine that saw its workers fail; the job
+    /// fails if that used up its `max_restarts`.
+    pub async fn restart(&self, job_id: &str, request: RestartRequest) -> Result<JobSummary> {
+        let job_id = job_id.to_string();
+        let now = now();
+        let (summary, unwatched) =
+            self.store.call(move |db| store::restart(db, &job_id, &request, now)).await?;
+        self.unwatch(&unwatched);
+        Ok(summary)
     }
 
     pub async fn heartbeat(

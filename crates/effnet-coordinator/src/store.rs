@@ -12,9 +12,9 @@ use rusqlite::{Connection, OptionalExtension, Params, Row, params};
 
 use crate::error::{Error, Result};
 use crate::protocol::{
-    Action, Generation, GenerationState, HeartbeatAnswer, JobDetail, JobState, JobSummary, JoinRequest,
-    Joined, LastCheckpoint, LeaveOutcome, LeaveRequest, Member, MemberState, Progress, ProgressRecord,
-    Submitted,
+    Action, CheckpointReport, Generation, GenerationState, HeartbeatAnswer, JobDetail, JobState, JobSummary,
+    JoinRequest, Joined, LastCheckpoint, LeaveOutcome, LeaveRequest, Member, MemberState, Progress,
+    ProgressRecord, RestartRequest, Submitted,
 };
 
 /// The database file inside the state directory.
@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     world_size INTEGER NOT NULL,
     state TEXT NOT NULL,
     restarts INTEGER NOT NULL DEFAULT 0,
+    max_restarts INTEGER NOT NULL,
+    reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -41,6 +43,8 @@ CREATE TABLE IF NOT EXISTS generations (
     end_reason TEXT,
     started_at REAL NOT NULL,
     ended_at REAL,
+    resume_step INTEGER,
+    resume_url TEXT,
     PRIMARY KEY (job_id, number)
 );
 CREATE TABLE IF NOT EXISTS members (
@@ -177,6 +181,8 @@ struct JobRow {
     state: JobState,
     world_size: u32,
     restarts: u32,
+    max_restarts: u32,
+    reason: Option<String>,
     created_at: f64,
     updated_at: f64,
 }
@@ -184,25 +190,31 @@ struct JobRow {
 fn job_row(connection: &Connection, id: &str) -> Result<JobRow> {
     let row = query_row(
         connection,
-        "SELECT id, name, state, world_size, restarts, created_at, updated_at FROM jobs WHERE id = ?1",
+        "SELECT id, name, state, world_size, restarts, max_restarts, reason, created_at, updated_at
+         FROM jobs WHERE id = ?1",
         [id],
         |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, u32>(3)?,
-                row.get::<_, u32>(4)?,
-                row.get::<_, f64>(5)?,
-                row.get::<_, f64>(6)?,
-            ))
+            Ok(JobRow {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                // Parsed below, where a typed error can be returned.
+                state: JobState::Queued,
+                world_size: row.get(3)?,
+                restarts: row.get(4)?,
+                max_restarts: row.get(5)?,
+                reason: row.get(6)?,
+                created_at: row.get(7)?,
+                updated_at: row.get(8)?,
+            })
+            .map(|job| (job, row.get::<_, String>(2)))
         },
     )
     .optional()?;
-    let Some((id, name, state, world_size, restarts, created_at, updated_at)) = row else {
+    let Some((mut job, state)) = row else {
         return Err(Error::UnknownJob { id: id.to_string() });
     };
-    Ok(JobRow { id, name, state: parse(state)?, world_size, restarts, created_at, updated_at })
+    job.state = parse(state?)?;
+    Ok(job)
 }
 
 fn set_job_state(connection: &Connection, id: &str, state: JobState, now: f64) -> Result<()> {
@@ -214,27 +226,87 @@ fn set_job_state(connection: &Connection, id: &str, state: JobState, now: f64) -
     Ok(())
 }
 
+fn set_job_reason(connection: &Connection, id: &str, reason: &str) -> Result<()> {
+    execute(connection, "UPDATE jobs SET reason = ?2 WHERE id = ?1", params![id, reason])?;
+    Ok(())
+}
+
+/// After generation `number` ended while the job goes on: the job fails when it has used its
+/// `max_restarts`, else the next join forms the next generation.
+fn after_generation_ended(
+    connection: &Connection,
+    job_id: &str,
+    number: u32,
+    reason: &str,
+    now: f64,
+) -> Result<()> {
+    let job = job_row(connection, job_id)?;
+    if job.state.is_terminal() || job.restarts < job.max_restarts {
+        return Ok(());
+    }
+    set_job_state(connection, job_id, JobState::Failed, now)?;
+    set_job_reason(
+        connection,
+        job_id,
+        &format!(
+            "generation {number} ended ({reason}) after {} restarts, the job's distributed.max_restarts",
+            job.restarts
+        ),
+    )
+}
+
 fn generations(connection: &Connection, job_id: &str) -> Result<Vec<Generation>> {
     let mut statement = connection.prepare_cached(
-        "SELECT number, world_size, state, end_reason, started_at, ended_at FROM generations
-         WHERE job_id = ?1 ORDER BY number",
+        "SELECT number, world_size, state, end_reason, started_at, ended_at, resume_step, resume_url
+         FROM generations WHERE job_id = ?1 ORDER BY number",
     )?;
     let rows = statement.query_map([job_id], |row| {
+        let resume = match (row.get::<_, Option<i64>>(6)?, row.get::<_, Option<String>>(7)?) {
+            (Some(step), Some(url)) => {
+                Some(CheckpointReport { step: from_sql_u64(Some(step)).unwrap_or(0), url })
+            }
+            _ => None,
+        };
         Ok((
-            row.get::<_, u32>(0)?,
-            row.get::<_, u32>(1)?,
+            Generation {
+                number: row.get(0)?,
+                world_size: row.get(1)?,
+                // Parsed below, where a typed error can be returned.
+                state: GenerationState::Forming,
+                end_reason: row.get(3)?,
+                started_at: row.get(4)?,
+                ended_at: row.get(5)?,
+                resume,
+            },
             row.get::<_, String>(2)?,
-            row.get::<_, Option<String>>(3)?,
-            row.get::<_, f64>(4)?,
-            row.get::<_, Option<f64>>(5)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (number, world_size, state, end_reason, started_at, ended_at) = row?;
-        out.push(Generation { number, world_size, state: parse(state)?, end_reason, started_at, ended_at });
+        let (mut generation, state) = row?;
+        generation.state = parse(state)?;
+        out.push(generation);
     }
     Ok(out)
+}
+
+/// The newest checkpoint any worker of the job reported committed.
+fn newest_reported_checkpoint(connection: &Connection, job_id: &str) -> Result<Option<LastCheckpoint>> {
+    Ok(query_row(
+        connection,
+        "SELECT checkpoint_step, checkpoint_url, checkpoint_at FROM members
+             WHERE job_id = ?1 AND checkpoint_step IS NOT NULL
+             ORDER BY checkpoint_step DESC, checkpoint_at DESC LIMIT 1",
+        [job_id],
+        |row| {
+            Ok(LastCheckpoint {
+                step: from_sql_u64(row.get(0)?).unwrap_or(0),
+                url: row.get(1)?,
+                reported_at: row.get(2)?,
+            })
+        },
+    )
+    .optional()?)
 }
 
 fn newest_generation(connection: &Connection, job_id: &str) -> Result<Option<Generation>> {
@@ -312,21 +384,7 @@ fn summary(connection: &Connection, job: &JobRow) -> Result<JobSummary> {
     };
     let active: Vec<&Member> = current.iter().filter(|m| m.state == MemberState::Active).collect();
     let rates: Vec<f64> = active.iter().filter_map(|m| m.images_per_s).collect();
-    let last_checkpoint = query_row(
-        connection,
-        "SELECT checkpoint_step, checkpoint_url, checkpoint_at FROM members
-             WHERE job_id = ?1 AND checkpoint_step IS NOT NULL
-             ORDER BY checkpoint_step DESC, checkpoint_at DESC LIMIT 1",
-        [&job.id],
-        |row| {
-            Ok(LastCheckpoint {
-                step: from_sql_u64(row.get(0)?).unwrap_or(0),
-                url: row.get(1)?,
-                reported_at: row.get(2)?,
-            })
-        },
-    )
-    .optional()?;
+    let last_checkpoint = newest_reported_checkpoint(connection, &job.id)?;
     Ok(JobSummary {
         id: job.id.clone(),
         name: job.name.clone(),
@@ -343,6 +401,8 @@ fn summary(connection: &Connection, job: &JobRow) -> Result<JobSummary> {
         images_per_s: if rates.is_empty() { None } else { Some(rates.iter().sum()) },
         loss: current.iter().find(|m| m.rank == 0).and_then(|m| m.loss),
         last_checkpoint,
+        reason: job.reason.clone(),
+        max_restarts: job.max_restarts,
     })
 }
 
@@ -352,15 +412,16 @@ pub(crate) fn insert_job(
     yaml: &str,
     spec: &serde_json::Value,
     world_size: u32,
+    max_restarts: u32,
     now: f64,
 ) -> Result<Submitted> {
     let seq: i64 = query_row(connection, "SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |row| row.get(0))?;
     let id = format!("{name}-{seq}");
     execute(
         connection,
-        "INSERT INTO jobs (seq, id, name, yaml, spec, world_size, state, restarts, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?8)",
-        params![seq, id, name, yaml, spec.to_string(), world_size, JobState::Queued.as_str(), now],
+        "INSERT INTO jobs (seq, id, name, yaml, spec, world_size, state, restarts, max_restarts, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?9)",
+        params![seq, id, name, yaml, spec.to_string(), world_size, JobState::Queued.as_str(), max_restarts, now],
     )?;
     Ok(Submitted { id, name: name.to_string(), state: JobState::Queued })
 }
@@ -434,6 +495,7 @@ pub(crate) fn cancel(connection: &Connection, id: &str, now: f64) -> Result<(Job
         return Err(Error::conflict(format!("job {id} is already {}", job.state)));
     }
     set_job_state(connection, id, JobState::Cancelled, now)?;
+    set_job_reason(connection, id, "cancelled")?;
     let ended = match newest_generation(connection, id)? {
         Some(generation) => end_generation(connection, id, generation.number, "cancelled", now)?,
         None => Vec::new(),
@@ -475,10 +537,21 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
         Some(generation) if generation.state == GenerationState::Forming => generation,
         previous => {
             let number = previous.as_ref().map_or(1, |g| g.number + 1);
+            // The resume point, chosen once for every rank of the generation.
+            let resume = newest_reported_checkpoint(connection, job_id)?
+                .map(|c| CheckpointReport { step: c.step, url: c.url });
             execute(
                 connection,
-                "INSERT INTO generations (job_id, number, world_size, state, started_at) VALUES (?1, ?2, ?3, 'forming', ?4)",
-                params![job_id, number, job.world_size, now],
+                "INSERT INTO generations (job_id, number, world_size, state, started_at, resume_step, resume_url)
+                 VALUES (?1, ?2, ?3, 'forming', ?4, ?5, ?6)",
+                params![
+                    job_id,
+                    number,
+                    job.world_size,
+                    now,
+                    resume.as_ref().map(|r| to_sql_u64(r.step)),
+                    resume.as_ref().map(|r| r.url.clone())
+                ],
             )?;
             if previous.is_some() {
                 execute(
@@ -494,6 +567,7 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
                 end_reason: None,
                 started_at: now,
                 ended_at: None,
+                resume,
             }
         }
     };
@@ -541,6 +615,9 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
         world_size: generation.world_size,
         members: count,
         generation_state,
+        resume: generation.resume,
+        // Filled in by the state, which knows the timeout.
+        heartbeat_interval_s: 0.0,
     })
 }
 
@@ -574,6 +651,7 @@ fn answer(connection: &Connection, job_id: &str, member: &Member) -> Result<Hear
         rank: member.rank,
         world_size: generation.world_size,
         members: count,
+        resume: generation.resume,
     })
 }
 
@@ -694,10 +772,12 @@ pub(crate) fn leave(
             );
             unwatched.extend(end_generation(connection, job_id, generation.number, &message, now)?);
             set_job_state(connection, job_id, JobState::Failed, now)?;
+            set_job_reason(connection, job_id, &message)?;
         }
         (LeaveOutcome::Restart, _) | (LeaveOutcome::Finished, GenerationState::Forming) => {
             let message = format!("{who} left ({reason})");
             unwatched.extend(end_generation(connection, job_id, generation.number, &message, now)?);
+            after_generation_ended(connection, job_id, generation.number, &message, now)?;
         }
     }
     Ok((answer(connection, job_id, &member)?, unwatched))
@@ -731,7 +811,38 @@ pub(crate) fn expire(
     let mut unwatched = vec![worker_id.to_string()];
     unwatched.extend(end_generation(connection, &job_id, generation, &reason, now)?);
     execute(connection, "UPDATE jobs SET updated_at = ?2 WHERE id = ?1", params![job_id, now])?;
+    after_generation_ended(connection, &job_id, generation, &reason, now)?;
     Ok(unwatched)
+}
+
+/// An engine ends the job's newest generation now (its workers failed) instead of after the
+/// heartbeat timeout. A generation that already ended is left as it is. Returns the job's summary
+/// and the members no longer watched.
+pub(crate) fn restart(
+    connection: &Connection,
+    job_id: &str,
+    request: &RestartRequest,
+    now: f64,
+) -> Result<(JobSummary, Vec<String>)> {
+    let reason = request.reason.as_deref();
+    let job = job_row(connection, job_id)?;
+    if job.state.is_terminal() {
+        return Err(Error::conflict(format!("job {job_id} is {}; it does not restart", job.state)));
+    }
+    let mut unwatched = Vec::new();
+    if let Some(generation) = newest_generation(connection, job_id)?
+        && generation.state != GenerationState::Ended
+    {
+        let reason = format!("the engine restarts it: {}", reason.unwrap_or("its workers failed"));
+        unwatched = end_generation(connection, job_id, generation.number, &reason, now)?;
+        execute(connection, "UPDATE jobs SET updated_at = ?2 WHERE id = ?1", params![job_id, now])?;
+        after_generation_ended(connection, job_id, generation.number, &reason, now)?;
+    }
+    if request.give_up && !job_row(connection, job_id)?.state.is_terminal() {
+        set_job_state(connection, job_id, JobState::Failed, now)?;
+        set_job_reason(connection, job_id, reason.unwrap_or("the engine gave up"))?;
+    }
+    Ok((job_summary(connection, job_id)?, unwatched))
 }
 
 /// Active members of generations that have not ended: the workers the expiry task watches.

@@ -413,6 +413,66 @@ async fn a_restart_ends_the_generation_and_the_next_join_forms_another() {
     server.stop().await;
 }
 
+/// Each generation resumes from the newest checkpoint any worker reported before it formed,
+/// chosen once; `max_restarts` caps the generations; an engine ends a generation at once
+/// (`POST .../restart`) or gives up on bad input.
+#[tokio::test]
+async fn generations_resume_from_the_newest_reported_checkpoint_until_restarts_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Settings::default()).await;
+    let client = server.client();
+    let yaml = job_yaml("demo", 2).replace("{workers: 2}", "{workers: 2, max_restarts: 2}");
+    client.submit(&yaml, "demo.yaml").await.unwrap();
+    let first = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    assert_eq!(first.resume, None, "nothing to resume from yet");
+    assert!((first.heartbeat_interval_s - 12.0).abs() < 1e-9, "a fifth of the 60 s timeout");
+    let second = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    let checkpoint = |step: u64| CheckpointReport { step, url: format!("file:///c/step-{step:08}") };
+    for step in [8, 16] {
+        let progress =
+            Progress { step: Some(step), checkpoint: Some(checkpoint(step)), ..Default::default() };
+        client.heartbeat("demo-1", &first.worker_id, &progress).await.unwrap();
+    }
+    // The engine saw the workers fail: the generation ends now, not after the timeout.
+    let summary = client.restart("demo-1", "mpirun exited with signal 9", false).await.unwrap();
+    assert_eq!((summary.state, summary.generation_state), (JobState::Running, Some(GenerationState::Ended)));
+    let answer = client.heartbeat("demo-1", &second.worker_id, &Progress::default()).await.unwrap();
+    assert_eq!(answer.action, Action::Restart);
+
+    // Generation 2 resumes from step 16, and keeps that choice while newer ones are reported.
+    let a = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    assert_eq!((a.generation, a.resume.clone()), (2, Some(checkpoint(16))));
+    let b = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    let progress = Progress { step: Some(24), checkpoint: Some(checkpoint(24)), ..Default::default() };
+    let answer = client.heartbeat("demo-1", &b.worker_id, &progress).await.unwrap();
+    assert_eq!((answer.action, answer.resume), (Action::Train, Some(checkpoint(16))));
+    let detail = client.job("demo-1").await.unwrap();
+    assert_eq!(detail.generations[1].resume, Some(checkpoint(16)));
+    let restart = LeaveRequest { outcome: LeaveOutcome::Restart, message: Some("NCCL timeout".into()) };
+    client.leave("demo-1", &a.worker_id, &restart).await.unwrap();
+
+    // Generation 3 (the second restart) resumes from step 24; when it ends the job has used
+    // its two restarts and fails, naming why.
+    let c = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    assert_eq!((c.generation, c.resume), (3, Some(checkpoint(24))));
+    client.leave("demo-1", &c.worker_id, &restart).await.unwrap();
+    let summary = client.job("demo-1").await.unwrap().summary;
+    assert_eq!((summary.state, summary.restarts, summary.max_restarts), (JobState::Failed, 2, 2));
+    let reason = summary.reason.unwrap();
+    assert!(reason.contains("generation 3 ended") && reason.contains("after 2 restarts"), "{reason}");
+    let (status, message) = rejected(client.join("demo-1", &JoinRequest::default()).await.unwrap_err());
+    assert_eq!((status, message.as_str()), (409, "job demo-1 is failed; nothing can join it"));
+    assert_eq!(rejected(client.restart("demo-1", "again", false).await.unwrap_err()).0, 409);
+
+    // An engine whose workers failed on bad input gives up: no restart.
+    client.submit(&job_yaml("other", 2), "other.yaml").await.unwrap();
+    client.join("other-2", &JoinRequest::default()).await.unwrap();
+    let summary = client.restart("other-2", "workers exited with status 2", true).await.unwrap();
+    assert_eq!((summary.state, summary.restarts), (JobState::Failed, 0));
+    assert_eq!(summary.reason.as_deref(), Some("workers exited with status 2"));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn engine_ranks_and_world_sizes_are_checked() {
     let dir = tempfile::tempdir().unwrap();
