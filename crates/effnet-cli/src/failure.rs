@@ -1,4 +1,5 @@
-//! Exit statuses: 2 for bad input (arguments, config, files the user named), 1 otherwise.
+//! Exit statuses: 2 for bad input (arguments, config, files the user named), [`RESTART_EXIT`]
+//! for a coordinator's worker whose generation must restart, 1 otherwise.
 
 use std::process::ExitCode;
 
@@ -13,6 +14,16 @@ macro_rules! bad_input {
 }
 pub(crate) use bad_input;
 
+/// The exit status of a worker whose generation ended while the job goes on (a peer died or
+/// went silent, a collective failed): the engine that launched it relaunches it (`effnet run`,
+/// a Slurm step loop, a Kubernetes restart policy). 75 is sysexits' EX_TEMPFAIL.
+pub const RESTART_EXIT: u8 = 75;
+
+/// This worker's generation must restart; see [`RESTART_EXIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Restart(pub String);
+
 /// A launched worker group failed; each worker already printed its own error.
 #[derive(Debug, thiserror::Error)]
 #[error("the worker group failed (exit status {code})")]
@@ -22,6 +33,9 @@ pub struct WorkersFailed {
 
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
+        if cause.downcast_ref::<Restart>().is_some() {
+            return RESTART_EXIT;
+        }
         if let Some(failed) = cause.downcast_ref::<WorkersFailed>() {
             return u8::try_from(failed.code).ok().filter(|c| *c != 0).unwrap_or(1);
         }

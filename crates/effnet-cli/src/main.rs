@@ -44,7 +44,7 @@ enum Command {
     /// `distributed.workers` worker processes when there are several.
     Run(commands::run::RunArgs),
     /// One rank of a data-parallel job, started by a launcher (mpirun, srun, or RANK/WORLD_SIZE).
-    Worker(commands::run::RunArgs),
+    Worker(commands::run::WorkerArgs),
     /// Serve the coordinator: jobs, generations of workers, heartbeats, a status page and
     /// /metrics over HTTP/JSON, state in SQLite under --state-dir.
     Coordinator(commands::coordinator::CoordinatorArgs),

@@ -22,6 +22,10 @@ use crate::sync::DataParallel;
 pub enum ResumeFrom {
     /// The newest committed checkpoint of the job, or step 0 when there is none.
     Latest,
+    /// The newest committed checkpoint of the job, which must be this step or later: a
+    /// coordinator's resume point for a generation (the newest checkpoint it heard of; a newer
+    /// one may have been committed just before the failure, before its report arrived).
+    NewestSince { step: u64, url: String },
     /// One checkpoint directory by URL.
     Url(String),
     /// Step 0; the job's existing checkpoints are deleted first.
@@ -80,6 +84,25 @@ impl Checkpointer {
                 (ResumeFrom::Fresh, _) | (ResumeFrom::Latest, None) => None,
                 (ResumeFrom::Latest, Some(store)) => {
                     runtime.block_on(store.latest())?.map(|(committed, files)| (committed.url, files))
+                }
+                (ResumeFrom::NewestSince { step, url }, store) => {
+                    let newest = match store {
+                        Some(store) => runtime.block_on(store.latest())?,
+                        None => None,
+                    };
+                    match newest {
+                        Some((committed, files)) if committed.step >= *step => Some((committed.url, files)),
+                        found => {
+                            return Err(Error::invalid(
+                                "checkpoint.url",
+                                format!(
+                                    "the coordinator resumes this generation from step {step} ({url}), but the newest committed checkpoint in {} is {}",
+                                    self.url,
+                                    found.map_or("none".to_string(), |(c, _)| format!("step {}", c.step))
+                                ),
+                            ));
+                        }
+                    }
                 }
                 (ResumeFrom::Url(url), _) => {
                     Some((url.clone(), runtime.block_on(checkpoint::load_url(url))?.1))

@@ -25,6 +25,23 @@ impl From<Span> for TrainLength {
     }
 }
 
+/// Where this rank stands, for whoever watches it from another thread (a worker's heartbeats to
+/// its coordinator): written by the loop after every step and every committed checkpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Live {
+    pub step: u64,
+    /// Epochs done, with the current one's consumed fraction.
+    pub epoch: f64,
+    pub loss: Option<f64>,
+    /// Every rank's images per second in the last step.
+    pub images_per_s: Option<f64>,
+    /// The newest checkpoint committed in this run (rank 0 writes them): step and URL.
+    pub checkpoint: Option<(u64, String)>,
+}
+
+/// [`Live`] shared between the loop and its watcher.
+pub type LiveProgress = std::sync::Arc<std::sync::Mutex<Live>>;
+
 /// The training position, saved in every checkpoint.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrainProgress {

@@ -35,7 +35,7 @@ use crate::job::{Prepared, RunPlan, device, prepare, runtime};
 use crate::metrics::{EVALUATION_FILE, JOB_FILE, MetricsLog, SUMMARY_FILE, previous_attempts};
 use crate::network::{Averaged, Network};
 use crate::optim::{Optimizer, OptimizerRule};
-use crate::progress::{Console, TrainProgress};
+use crate::progress::{Console, LiveProgress, TrainProgress};
 use crate::state::{CheckpointContent, RunIdentity, Stateful};
 use crate::step::{StepOutcome, TrainStep, step_seed};
 use crate::sync::{DataParallel, connect};
@@ -56,6 +56,8 @@ pub struct RunOptions {
     /// Show a progress bar (`None`: the job's setting, else when stderr is a terminal).
     pub progress: Option<bool>,
     pub launch: Launch,
+    /// Kept up to date with this rank's step, loss and committed checkpoints (for heartbeats).
+    pub live: Option<LiveProgress>,
 }
 
 /// A sample a rank could not use, with why.
@@ -143,6 +145,7 @@ struct Training<'a> {
     checkpointer: Checkpointer,
     restored: Option<(String, u64)>,
     totals: Totals,
+    live: Option<LiveProgress>,
 }
 
 #[derive(Default)]
@@ -231,6 +234,7 @@ impl<'a> Training<'a> {
             checkpointer,
             restored: None,
             totals: Totals::default(),
+            live: options.live.clone(),
             plan,
         };
         if let Some(checkpoint) =
@@ -306,6 +310,7 @@ impl<'a> Training<'a> {
         self.feed.start(self.runtime, self.progress.epoch);
         self.run_loop(&mut metrics, &console, parallel.as_mut())?;
         self.checkpointer.finish(self.runtime, &mut metrics)?;
+        self.publish_checkpoint();
         console.finish();
         self.summarise(&mut metrics, first_step, started)
     }
@@ -346,6 +351,7 @@ impl<'a> Training<'a> {
                 waited,
             )?;
             self.checkpointer.poll(self.runtime, metrics)?;
+            self.publish_checkpoint();
             let last = self.progress.is_done(self.plan.length, epoch_samples);
             let step = self.progress.step;
             let evaluate = self.evaluator.due(
@@ -444,7 +450,24 @@ impl<'a> Training<'a> {
             }),
         )?;
         console.step(step, epoch, outcome.loss, lr, images_per_s);
+        if let Some(live) = &self.live {
+            let mut live = live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            live.step = step;
+            live.epoch = self.progress.samples_consumed as f64 / self.plan.train_samples.max(1) as f64;
+            live.loss = Some(outcome.loss);
+            live.images_per_s = Some(images_per_s);
+        }
         Ok(())
+    }
+
+    /// Tell the watcher about the newest committed checkpoint (saves finish in the background).
+    fn publish_checkpoint(&self) {
+        if let (Some(live), Some(save)) = (&self.live, self.checkpointer.saves.last()) {
+            let mut live = live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if live.checkpoint.as_ref().is_none_or(|(step, _)| *step != save.step) {
+                live.checkpoint = Some((save.step, self.checkpointer.url_of(save.step)));
+            }
+        }
     }
 
     /// Every rank's skipped samples of this step, gathered; rank 0 logs them.

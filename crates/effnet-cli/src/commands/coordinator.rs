@@ -29,7 +29,7 @@ pub struct TokenArgs {
 }
 
 impl TokenArgs {
-    fn token(&self) -> Result<String> {
+    pub(crate) fn token(&self) -> Result<String> {
         let (token, origin) = match &self.token_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

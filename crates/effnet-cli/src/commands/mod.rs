@@ -1,9 +1,11 @@
 pub mod coordinator;
 pub mod data;
 pub mod eval;
+pub mod local;
 pub mod model;
 pub mod report;
 pub mod run;
+pub mod worker;
 
 use crate::failure::bad_input;
 

@@ -1,53 +1,83 @@
 //! `effnet run JOB.yaml`: train a job, resuming from its newest checkpoint. One worker trains in
-//! this process; with `distributed.workers: W > 1` the job is checked here, then W worker
-//! processes are launched on this machine (`mpirun -n W effnet worker JOB.yaml` for MPI, or W
-//! processes with `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT` for NCCL).
+//! this process; with `distributed.workers: W > 1` the job is checked here, then handed to the
+//! local engine ([`super::local`]): a coordinator in this process and W worker processes per
+//! generation (`mpirun -n W effnet worker --coordinator ...` for MPI, or W processes with
+//! `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT` for NCCL), relaunched when a
+//! generation fails.
 //!
-//! `--set key.path=value` (repeatable) overrides a setting of the job file; the launcher passes
-//! the same arguments to every worker, so all ranks read the same spec.
+//! `--set key.path=value` (repeatable) overrides a setting of the job file; the coordinator gets
+//! the overridden spec, so all ranks read the same one.
 //!
-//! `effnet worker JOB.yaml`: one rank of such a group, started by a launcher (mpirun, Slurm's
-//! srun, torchrun-style environment). Rank 0 writes the job directory and prints the summary.
+//! `effnet worker JOB.yaml`: one rank of a group started by a launcher (mpirun, Slurm's srun,
+//! torchrun-style environment) without a coordinator; `effnet worker --coordinator URL --job ID`:
+//! a coordinator's worker ([`super::worker`]). Rank 0 writes the job directory and prints the
+//! summary.
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use effnet_config::{JobSpec, Override};
 use effnet_train::{Launch, ResumeFrom, RunOptions, RunPlan, RunSummary};
 
-use crate::failure::{WorkersFailed, bad_input};
+use crate::failure::bad_input;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The job file (YAML; every key is described in docs/config.md).
     job: PathBuf,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+/// `effnet worker`: a job file, or a coordinator's job.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The job file, when a launcher (mpirun, srun, torchrun-style variables) starts this worker
+    /// without a coordinator.
+    #[arg(required_unless_present = "coordinator")]
+    job: Option<PathBuf>,
+    /// Join this coordinator's job (`--job ID`) instead of reading a job file: the coordinator
+    /// hands out the spec, the rank and the resume checkpoint, and hears this worker's progress.
+    #[arg(long, value_name = "URL", requires = "job_id", conflicts_with_all = ["job", "set", "check"])]
+    coordinator: Option<String>,
+    /// The coordinator's job id (what `effnet submit` printed).
+    #[arg(long = "job", value_name = "ID", requires = "coordinator")]
+    job_id: Option<String>,
+    #[command(flatten)]
+    token: super::coordinator::TokenArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+/// What `run` and `worker` share.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
     /// Override a setting of the job file: a dotted key and a YAML value, e.g.
     /// `--set data.batch_size=32` or `--set 'data.augmentation={crop_scale: [0.5, 1.0]}'`.
     /// Repeatable, applied in order; checked like the file.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    pub(crate) set: Vec<String>,
     /// Validate the job (spec, datasets, model, derived schedule) and print the plan, without
     /// training or writing anything.
     #[arg(long)]
-    check: bool,
+    pub(crate) check: bool,
     /// Resume from this checkpoint directory (a `step-NNNNNNNN` URL) instead of the job's newest.
     #[arg(long, value_name = "URL", conflicts_with = "fresh")]
-    resume: Option<String>,
+    pub(crate) resume: Option<String>,
     /// Start from step 0 and delete the job's existing checkpoints.
     #[arg(long)]
-    fresh: bool,
+    pub(crate) fresh: bool,
     /// Progress bar on stderr (auto: when stderr is a terminal).
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
-    progress: Progress,
+    pub(crate) progress: Progress,
     /// Print the plan (with --check) or the run summary as JSON on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Progress {
+pub(crate) enum Progress {
     Auto,
     Always,
     Never,
@@ -57,19 +87,25 @@ pub fn run(args: RunArgs) -> Result<()> {
     train(args, Launch::Single)
 }
 
-/// `effnet worker JOB.yaml`: one rank of a launched group.
-pub fn worker(args: RunArgs) -> Result<()> {
-    train(args, Launch::Worker)
+/// `effnet worker JOB.yaml` (one rank of a launched group) or `effnet worker --coordinator URL
+/// --job ID` (a coordinator's worker).
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    match (args.job, args.coordinator, args.job_id) {
+        (_, Some(url), Some(job_id)) => super::worker::coordinated(&url, &job_id, &args.token, &args.train),
+        (Some(job), _, _) => train(RunArgs { job, train: args.train }, Launch::Worker),
+        _ => Err(bad_input!("effnet worker needs a job file, or --coordinator URL --job ID")),
+    }
 }
 
 fn train(args: RunArgs, launch: Launch) -> Result<()> {
+    let RunArgs { job, train: args } = args;
     let overrides =
         args.set.iter().map(|argument| Override::parse(argument)).collect::<Result<Vec<_>, _>>()?;
-    let spec = JobSpec::load_with_overrides(&args.job, &overrides)?;
+    let spec = JobSpec::load_with_overrides(&job, &overrides)?;
     if launch == Launch::Single && spec.distributed.workers > 1 && !args.check {
         // Reject a bad job here, in one line, before any worker starts.
         effnet_train::check(&spec)?;
-        return launch_workers(&args, &spec);
+        return super::local::launch(&job, &args, &spec);
     }
     if args.check {
         let plan = effnet_train::check(&spec)?;
@@ -79,160 +115,48 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
             print_plan(&plan);
             let workers = spec.distributed.workers;
             if workers > 1 {
-                let backend = format!("{:?}", backend(&spec)).to_lowercase();
+                let backend = format!("{:?}", super::local::backend(&spec)).to_lowercase();
                 println!("workers          {workers} ({backend}, device {:?})", spec.distributed.device);
             }
-            println!("{}: ok", args.job.display());
+            println!("{}: ok", job.display());
         }
         return Ok(());
     }
-    let resume = match (args.resume, args.fresh) {
-        (Some(url), _) => ResumeFrom::Url(url),
+    let resume = match (&args.resume, args.fresh) {
+        (Some(url), _) => ResumeFrom::Url(url.clone()),
         (None, true) => ResumeFrom::Fresh,
         (None, false) => ResumeFrom::Latest,
     };
-    let progress = match args.progress {
-        Progress::Auto => None,
-        Progress::Always => Some(true),
-        Progress::Never => Some(false),
-    };
-    let summary = effnet_train::run(&spec, RunOptions { resume, progress, launch })?;
+    let summary =
+        effnet_train::run(&spec, RunOptions { resume, progress: args.progress(), launch, live: None })?;
+    finish(&spec, &summary, &args);
+    Ok(())
+}
+
+impl TrainArgs {
+    /// The progress bar: forced on or off, or `None` for the job's setting.
+    pub(crate) fn progress(&self) -> Option<bool> {
+        match self.progress {
+            Progress::Auto => None,
+            Progress::Always => Some(true),
+            Progress::Never => Some(false),
+        }
+    }
+}
+
+/// Rank 0 prints the summary and writes the report.
+pub(crate) fn finish(spec: &JobSpec, summary: &RunSummary, args: &TrainArgs) {
     if summary.rank != 0 {
-        return Ok(());
+        return;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        out!("{}", serde_json::to_string_pretty(summary).unwrap_or_default());
     } else {
-        print_summary(&summary);
+        print_summary(summary);
     }
     if spec.report.enabled {
         super::report::after_run(&summary.plan.job_dir, &spec.report_dir(), args.json);
     }
-    Ok(())
-}
-
-/// The arguments a worker gets: the same job, overrides and resume choice.
-fn worker_args(args: &RunArgs) -> Vec<String> {
-    let mut out = vec!["worker".to_string(), args.job.display().to_string()];
-    for argument in &args.set {
-        out.extend(["--set".into(), argument.clone()]);
-    }
-    if let Some(url) = &args.resume {
-        out.extend(["--resume".into(), url.clone()]);
-    }
-    if args.fresh {
-        out.push("--fresh".into());
-    }
-    let progress = match args.progress {
-        Progress::Auto => "auto",
-        Progress::Always => "always",
-        Progress::Never => "never",
-    };
-    out.extend(["--progress".into(), progress.into()]);
-    if args.json {
-        out.push("--json".into());
-    }
-    out
-}
-
-/// The collective backend of a job: as set, else NCCL on CUDA and MPI on the CPU.
-fn backend(spec: &JobSpec) -> effnet_config::Backend {
-    let cuda = spec.distributed.device == effnet_config::Device::Cuda;
-    spec.distributed.backend.unwrap_or(if cuda {
-        effnet_config::Backend::Nccl
-    } else {
-        effnet_config::Backend::Mpi
-    })
-}
-
-/// Start `distributed.workers` worker processes on this machine and wait for them.
-fn launch_workers(args: &RunArgs, spec: &JobSpec) -> Result<()> {
-    let workers = spec.distributed.workers as usize;
-    let exe = std::env::current_exe().context("locating the effnet binary")?;
-    let status = match backend(spec) {
-        effnet_config::Backend::Mpi => {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let mut command = Command::new("mpirun");
-            command.arg("-n").arg(workers.to_string());
-            // One core per rank when there are enough; otherwise let them share.
-            if cores >= workers {
-                command.args(["--bind-to", "core"]);
-            } else {
-                command.args(["--bind-to", "none", "--oversubscribe"]);
-            }
-            if is_root() {
-                command.arg("--allow-run-as-root");
-            }
-            command.arg(&exe).args(worker_args(args));
-            command.status().map_err(|e| {
-                bad_input!(
-                    "distributed.backend: mpi needs Open MPI's mpirun on PATH (Debian: apt install openmpi-bin): {e}"
-                )
-            })?
-        }
-        effnet_config::Backend::Nccl => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .context("choosing a rendezvous port")?
-                .port();
-            let mut children = Vec::with_capacity(workers);
-            for rank in 0..workers {
-                let child = Command::new(&exe)
-                    .args(worker_args(args))
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", workers.to_string())
-                    .env("LOCAL_RANK", rank.to_string())
-                    .env("LOCAL_WORLD_SIZE", workers.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .spawn()
-                    .context("starting a worker")?;
-                children.push(child);
-            }
-            // The first failure ends the others (they would wait for it until their timeout).
-            let mut first_failure = None;
-            let mut running = children;
-            while !running.is_empty() {
-                let mut still = Vec::new();
-                for mut child in running {
-                    match child.try_wait()? {
-                        Some(status) if !status.success() && first_failure.is_none() => {
-                            first_failure = Some(status)
-                        }
-                        Some(_) => {}
-                        None => still.push(child),
-                    }
-                }
-                if first_failure.is_some() {
-                    for child in &mut still {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                    still.clear();
-                }
-                running = still;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            match first_failure {
-                Some(status) => status,
-                None => return Ok(()),
-            }
-        }
-        effnet_config::Backend::Local => {
-            return Err(bad_input!(
-                "distributed.backend: local trains in one process, but distributed.workers is {workers}"
-            ));
-        }
-    };
-    if status.success() {
-        Ok(())
-    } else {
-        Err(anyhow::Error::new(WorkersFailed { code: status.code().unwrap_or(1) }))
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 fn print_plan(plan: &RunPlan) {

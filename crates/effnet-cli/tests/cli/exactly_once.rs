@@ -221,3 +221,82 @@ fn killed_mid_epoch_and_resumed_on_one_rank_is_exactly_once() {
 fn killed_mid_epoch_and_resumed_on_three_ranks_is_exactly_once() {
     killed_at_two_and_resumed_at(3);
 }
+
+/// The worker processes of a job directory's `effnet run`: their command line names the token
+/// file of the job's in-process coordinator.
+fn workers_of(job_dir: &Path) -> Vec<u32> {
+    let token = job_dir.join("coordinator/token").display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.get(1).map(String::as_str) == Some("worker") && args.contains(&token) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// One worker of a 2-rank `effnet run` SIGKILLed mid-epoch while the launcher, its in-process
+/// coordinator and the other worker live on: the launcher ends the generation at the
+/// coordinator, launches the next one, which resumes from the checkpoint the coordinator chose
+/// (the newest the workers reported), and the epoch's good samples are trained exactly once.
+#[test]
+fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = write_job(dir.path(), data.path(), 2);
+    let job_dir = dir.path().join("job");
+    let child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["run", yaml.to_str().unwrap(), "--progress", "never"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = job_dir.join("checkpoints/step-00000016/COMMIT");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 16");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Time for rank 0's heartbeat to report the checkpoint (it is sent when committed).
+    std::thread::sleep(Duration::from_millis(500));
+    let workers = workers_of(&job_dir);
+    assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
+    let killed = Command::new("kill").args(["-KILL", &workers[1].to_string()]).status().unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("restarting job exactly-once-1 from its last checkpoint (restart 1 of at most 3)"),
+        "{stderr}"
+    );
+    assert!(workers_of(&job_dir).is_empty(), "no worker outlives the run");
+
+    let starts = records(&job_dir, "start");
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let resumed_step = starts[1]["step"].as_u64().unwrap();
+    assert!((16..60).contains(&resumed_step), "resumed at step {resumed_step}");
+    assert_eq!(
+        starts[1]["resumed_from"].as_str().unwrap(),
+        format!("{}/step-{resumed_step:08}", job_dir.join("checkpoints").display()),
+    );
+    let lines = sample_lines(&job_dir);
+    let trained: Vec<String> = lines
+        .into_iter()
+        .filter(|(attempt, step, _, _)| *attempt == 2 || *step < resumed_step)
+        .flat_map(|l| l.3)
+        .collect();
+    assert_exactly_once(&trained);
+    assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs_completed"], 1);
+}
