@@ -16,8 +16,13 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(state_dir: &Path, token_file: &Path) -> Coordinator {
+        Coordinator::start_on("127.0.0.1:0", state_dir, token_file)
+    }
+
+    /// On a given address, with a 5 s heartbeat timeout (workers heartbeat every second).
+    fn start_on(listen: &str, state_dir: &Path, token_file: &Path) -> Coordinator {
         let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args(["coordinator", "--heartbeat-timeout-s", "5", "--listen", listen, "--state-dir"])
             .arg(state_dir)
             .arg("--token-file")
             .arg(token_file)
@@ -198,4 +203,88 @@ fn coordinator_refuses_bad_arguments_in_one_line() {
     assert_bad_input(&outcome, &["the token is empty"]);
     let outcome = effnet_with_env(&["status", "--coordinator", "localhost:7700"], &[("EFFNET_TOKEN", TOKEN)]);
     assert_bad_input(&outcome, &["coordinator URL localhost:7700: must start with http:// or https://"]);
+}
+
+/// A standalone coordinator and two MPI workers that join it (`mpirun -n 2 effnet worker
+/// --coordinator URL --job ID`, data on the S3 server on loopback). The coordinator is SIGKILLed
+/// mid-epoch and started again on its state directory and address: the workers train on (their
+/// heartbeats fail and are retried), re-attach, and finish; the job succeeds in its first
+/// generation and the epoch's good samples are trained exactly once.
+#[test]
+fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
+    use crate::exactly_once::{
+        assert_exactly_once, corrupt_keys, s3_data, skipped_keys_up_to, write_job_reading,
+    };
+    use std::time::{Duration, Instant};
+
+    let server = s3_data();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let state_dir = dir.path().join("state");
+    let yaml = write_job_reading(dir.path(), &server.url("train"), 2);
+    let job_dir = dir.path().join("job");
+    // A fixed address, so the restarted coordinator is where the workers look.
+    let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let coordinator = Coordinator::start_on(&address, &state_dir, &token_file);
+    let submitted = client(&coordinator, &token_file, &["submit", yaml.to_str().unwrap()]);
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let id = submitted.stdout.trim().to_string();
+
+    let mut mpirun = Command::new("mpirun");
+    mpirun.args(["-n", "2", "--bind-to", "none", "--oversubscribe"]);
+    if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    {
+        mpirun.arg("--allow-run-as-root");
+    }
+    let workers = mpirun
+        .arg(env!("CARGO_BIN_EXE_effnet"))
+        .args(["worker", "--coordinator", &coordinator.url, "--job", &id, "--progress", "never"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .envs(server.env_vars())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = job_dir.join("checkpoints/step-00000016/COMMIT");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 16");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let url = coordinator.url.clone();
+    drop(coordinator); // SIGKILL
+    std::thread::sleep(Duration::from_millis(1500));
+    let coordinator = Coordinator::start_on(&address, &state_dir, &token_file);
+    assert_eq!(coordinator.url, url);
+
+    let output = workers.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("heartbeat failed; training goes on and retries"), "{stderr}");
+    let status = client(&coordinator, &token_file, &["status", &id, "--json"]);
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    let detail: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(
+        (detail["state"].as_str(), detail["restarts"].as_u64()),
+        (Some("succeeded"), Some(0)),
+        "{detail}"
+    );
+    let last = detail["last_checkpoint"]["step"].as_u64().unwrap();
+    assert!(last > 16, "the checkpoints after the restart were reported: {detail}");
+    // The progress history spans the coordinator's restart.
+    let logs = client(&coordinator, &token_file, &["logs", &id, "--json", "--limit", "1000"]);
+    let steps: Vec<u64> = logs
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert!(steps.iter().any(|s| *s < 16) && steps.iter().any(|s| *s > 20), "{steps:?}");
+
+    let trained: Vec<String> = crate::common::sample_lines(&job_dir).into_iter().flat_map(|l| l.3).collect();
+    assert_exactly_once(&trained);
+    assert_eq!(skipped_keys_up_to(&job_dir, u64::MAX), corrupt_keys());
+    coordinator.terminate();
 }

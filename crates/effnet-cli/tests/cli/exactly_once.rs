@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use crate::common::{effnet, run_and_kill_after, sample_lines, synthetic_dataset_with_corrupt};
+use crate::common::{
+    effnet, run_and_kill_after, sample_lines, synthetic_dataset_at, synthetic_dataset_with_corrupt,
+};
 
 /// 1,006 samples in row groups of 16 (62 of 16 and one of 14), 3 of them corrupt: 1,003 good.
 /// Two ranks of batch 8 make a global batch of 16; 1,006 is no multiple of 2 × 8 × 16.
-const SAMPLES: usize = 1006;
-const CORRUPT: [usize; 3] = [5, 517, 1003];
-const ROWS_PER_GROUP: usize = 16;
+pub(crate) const SAMPLES: usize = 1006;
+pub(crate) const CORRUPT: [usize; 3] = [5, 517, 1003];
+pub(crate) const ROWS_PER_GROUP: usize = 16;
 
-fn data_dir() -> TempDir {
+pub(crate) fn data_dir() -> TempDir {
     let dir = tempfile::tempdir().unwrap();
     synthetic_dataset_with_corrupt(
         dir.path().join("train").to_str().unwrap(),
@@ -28,17 +30,22 @@ fn data_dir() -> TempDir {
     dir
 }
 
-fn good_keys() -> BTreeSet<String> {
+pub(crate) fn good_keys() -> BTreeSet<String> {
     (0..SAMPLES).filter(|i| !CORRUPT.contains(i)).map(|i| format!("s0-{i:04}")).collect()
 }
 
-fn corrupt_keys() -> BTreeSet<String> {
+pub(crate) fn corrupt_keys() -> BTreeSet<String> {
     CORRUPT.iter().map(|i| format!("s0-{i:04}-corrupt")).collect()
 }
 
 /// A one-epoch job of `workers` ranks, batch 8, checkpoints every 8 steps. Small and fast: B0
 /// at 16×16, one thread per rank, no evaluation data.
 fn write_job(dir: &Path, data: &Path, workers: u32) -> PathBuf {
+    write_job_reading(dir, &data.join("train").display().to_string(), workers)
+}
+
+/// [`write_job`] with its training data at `train` (a path or store URL).
+pub(crate) fn write_job_reading(dir: &Path, train: &str, workers: u32) -> PathBuf {
     let yaml = dir.join("job.yaml");
     let text = format!(
         "name: exactly-once
@@ -72,7 +79,6 @@ distributed:
   timeout_s: 120
 ",
         job = dir.join("job").display(),
-        train = data.join("train").display(),
         backend = if workers > 1 { "mpi" } else { "local" },
     );
     std::fs::write(&yaml, text).unwrap();
@@ -80,7 +86,7 @@ distributed:
 }
 
 /// The metrics log's records of one type.
-fn records(job_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+pub(crate) fn records(job_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     std::fs::read_to_string(job_dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -90,7 +96,7 @@ fn records(job_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
 }
 
 /// Assert every good key is in `trained` exactly once and nothing else is.
-fn assert_exactly_once(trained: &[String]) {
+pub(crate) fn assert_exactly_once(trained: &[String]) {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for key in trained {
         *counts.entry(key.as_str()).or_default() += 1;
@@ -197,7 +203,7 @@ fn killed_at_two_and_resumed_at(resumed_workers: u32) {
 }
 
 /// Skipped samples of the first attempt up to `resumed_step` and all of the second.
-fn skipped_keys_up_to(job_dir: &Path, resumed_step: u64) -> BTreeSet<String> {
+pub(crate) fn skipped_keys_up_to(job_dir: &Path, resumed_step: u64) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     for record in records(job_dir, "skipped") {
         // A record's step is the number of steps done when it was logged (the skip happened in
@@ -239,21 +245,32 @@ fn workers_of(job_dir: &Path) -> Vec<u32> {
     pids
 }
 
-/// One worker of a 2-rank `effnet run` SIGKILLed mid-epoch while the launcher, its in-process
-/// coordinator and the other worker live on: the launcher ends the generation at the
-/// coordinator, launches the next one, which resumes from the checkpoint the coordinator chose
-/// (the newest the workers reported), and the epoch's good samples are trained exactly once.
+/// The exactly-once dataset in the S3 server's bucket under `train/`.
+pub(crate) fn s3_data() -> effnet_store::testing::S3TestServer {
+    let server =
+        effnet_store::testing::S3TestServer::start().expect("S3 test server (run `make venv-reference`)");
+    let location = server.open("train").unwrap();
+    synthetic_dataset_at(location, SAMPLES, 0, ROWS_PER_GROUP, &CORRUPT);
+    server
+}
+
+/// One worker of a 2-rank `effnet run` (data on the S3 server on loopback) SIGKILLed mid-epoch
+/// while the launcher, its in-process coordinator and the other worker live on: the launcher
+/// ends the generation at the coordinator, launches the next one, which resumes from the
+/// checkpoint the coordinator chose (the newest the workers reported), and the epoch's good
+/// samples are trained exactly once.
 #[test]
 fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
-    let data = data_dir();
+    let server = s3_data();
     let dir = tempfile::tempdir().unwrap();
-    let yaml = write_job(dir.path(), data.path(), 2);
+    let yaml = write_job_reading(dir.path(), &server.url("train"), 2);
     let job_dir = dir.path().join("job");
     let child = Command::new(env!("CARGO_BIN_EXE_effnet"))
         .args(["run", yaml.to_str().unwrap(), "--progress", "never"])
+        .envs(server.env_vars())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -95,9 +95,19 @@ pub fn synthetic_dataset_with_corrupt(
     rows_per_group: usize,
     corrupt: &[usize],
 ) {
+    synthetic_dataset_at(effnet_store::open(url).unwrap(), samples, salt, rows_per_group, corrupt)
+}
+
+/// [`synthetic_dataset_with_corrupt`] in an opened store location (e.g. the S3 test server's).
+pub fn synthetic_dataset_at(
+    location: effnet_store::StoreLocation,
+    samples: usize,
+    salt: usize,
+    rows_per_group: usize,
+    corrupt: &[usize],
+) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let location = effnet_store::open(url).unwrap();
         let classes = (0..CLASSES).map(|c| format!("quadrant-{c}")).collect();
         let options = WriterOptions { rows_per_group, groups_per_part: 4 };
         let mut writer = DatasetWriter::create(location, "synthetic", classes, options).await.unwrap();
