@@ -55,6 +55,11 @@ impl JobSpec {
     }
 
     /// Where checkpoints go: `checkpoint.url`, or `<job_dir>/checkpoints`.
+    /// The fewest workers a generation may run with (`distributed.min_workers`, else all).
+    pub fn min_workers(&self) -> u32 {
+        self.distributed.min_workers.unwrap_or(self.distributed.workers)
+    }
+
     pub fn checkpoint_url(&self) -> String {
         match &self.checkpoint.url {
             Some(url) => url.clone(),
@@ -562,6 +567,9 @@ pub struct DistributedConfig {
     /// How many times a job may restart (a new generation of workers after a worker died, a
     /// collective failed or a worker went silent) before it fails.
     pub max_restarts: u32,
+    /// Elastic jobs: a generation may run with this many workers or more (up to `workers`), as
+    /// many as its engine launched, e.g. after a node was lost; `None` is `workers` (not elastic).
+    pub min_workers: Option<u32>,
 }
 
 impl Default for DistributedConfig {
@@ -575,6 +583,7 @@ impl Default for DistributedConfig {
             timeout_s: 300.0,
             overlap: true,
             max_restarts: 3,
+            min_workers: None,
         }
     }
 }

@@ -241,6 +241,14 @@ impl Checker<'_> {
         if distributed.backend == Some(Backend::Nccl) && distributed.device != Device::Cuda {
             return Err(self.fail("distributed.backend", "nccl needs distributed.device: cuda"));
         }
+        if let Some(min) = distributed.min_workers
+            && !(1..=distributed.workers).contains(&min)
+        {
+            return Err(self.fail(
+                "distributed.min_workers",
+                format!("must be from 1 to distributed.workers ({}), got {min}", distributed.workers),
+            ));
+        }
         self.number("distributed.bucket_mb", distributed.bucket_mb, Exclusive(0.0), Open)?;
         self.number("distributed.timeout_s", distributed.timeout_s, Exclusive(0.0), Open)
     }

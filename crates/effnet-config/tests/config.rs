@@ -188,6 +188,7 @@ fn a_minimal_spec_takes_every_default() {
     let distributed = &spec.distributed;
     assert_eq!((distributed.workers, distributed.backend, distributed.device), (1, None, Device::Cpu));
     assert_eq!((distributed.bucket_mb, distributed.timeout_s), (25.0, 300.0));
+    assert_eq!((distributed.max_restarts, distributed.min_workers, spec.min_workers()), (3, None, 1));
 
     let checkpoint = &spec.checkpoint;
     assert_eq!((checkpoint.every_steps, checkpoint.at_epoch_end), (None, true));
@@ -553,5 +554,22 @@ checkpoint: {every_steps: 50, keep_last: 2}
         let back =
             JobSpec::from_yaml_str(&json, "spec.json").unwrap_or_else(|error| panic!("{error}\n{json}"));
         assert_eq!(back, spec, "{json}");
+    }
+}
+
+#[test]
+fn min_workers_is_from_one_to_workers() {
+    let job = |distributed: &str| {
+        format!("name: demo\nmodel: {{variant: b0}}\ndata: {{train: x}}\ndistributed: {distributed}\n")
+    };
+    let spec = parse(&job("{workers: 4, min_workers: 2, max_restarts: 0}"));
+    assert_eq!((spec.min_workers(), spec.distributed.max_restarts), (2, 0));
+    for (min, line) in [(0, "got 0"), (5, "got 5")] {
+        let error = failure(&job(&format!("{{workers: 4, min_workers: {min}}}")));
+        assert_eq!(error.path, "distributed.min_workers", "{error}");
+        assert!(
+            error.to_string().ends_with(&format!("must be from 1 to distributed.workers (4), {line}")),
+            "{error}"
+        );
     }
 }

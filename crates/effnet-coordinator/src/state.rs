@@ -107,10 +107,11 @@ impl State {
         let spec_json = serde_json::to_value(&spec)
             .map_err(|error| Error::Internal { message: format!("spec to JSON: {error}") })?;
         let name = spec.name.clone();
-        let (world_size, max_restarts) = (spec.distributed.workers, spec.distributed.max_restarts);
+        let world_size = spec.distributed.workers;
+        let limits = (spec.distributed.max_restarts, spec.min_workers());
         let now = now();
         self.store
-            .call(move |db| store::insert_job(db, &name, &yaml, &spec_json, world_size, max_restarts, now))
+            .call(move |db| store::insert_job(db, &name, &yaml, &spec_json, world_size, limits, now))
             .await
     }
 

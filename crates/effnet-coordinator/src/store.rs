@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     restarts INTEGER NOT NULL DEFAULT 0,
     max_restarts INTEGER NOT NULL,
+    min_workers INTEGER NOT NULL,
     reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -182,6 +183,7 @@ struct JobRow {
     world_size: u32,
     restarts: u32,
     max_restarts: u32,
+    min_workers: u32,
     reason: Option<String>,
     created_at: f64,
     updated_at: f64,
@@ -190,8 +192,8 @@ struct JobRow {
 fn job_row(connection: &Connection, id: &str) -> Result<JobRow> {
     let row = query_row(
         connection,
-        "SELECT id, name, state, world_size, restarts, max_restarts, reason, created_at, updated_at
-         FROM jobs WHERE id = ?1",
+        "SELECT id, name, state, world_size, restarts, max_restarts, reason, created_at, updated_at,
+         min_workers FROM jobs WHERE id = ?1",
         [id],
         |row| {
             Ok(JobRow {
@@ -205,6 +207,7 @@ fn job_row(connection: &Connection, id: &str) -> Result<JobRow> {
                 reason: row.get(6)?,
                 created_at: row.get(7)?,
                 updated_at: row.get(8)?,
+                min_workers: row.get(9)?,
             })
             .map(|job| (job, row.get::<_, String>(2)))
         },
@@ -412,16 +415,28 @@ pub(crate) fn insert_job(
     yaml: &str,
     spec: &serde_json::Value,
     world_size: u32,
-    max_restarts: u32,
+    (max_restarts, min_workers): (u32, u32),
     now: f64,
 ) -> Result<Submitted> {
     let seq: i64 = query_row(connection, "SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |row| row.get(0))?;
     let id = format!("{name}-{seq}");
     execute(
         connection,
-        "INSERT INTO jobs (seq, id, name, yaml, spec, world_size, state, restarts, max_restarts, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?9)",
-        params![seq, id, name, yaml, spec.to_string(), world_size, JobState::Queued.as_str(), max_restarts, now],
+        "INSERT INTO jobs (seq, id, name, yaml, spec, world_size, state, restarts, max_restarts, min_workers,
+             created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?10)",
+        params![
+            seq,
+            id,
+            name,
+            yaml,
+            spec.to_string(),
+            world_size,
+            JobState::Queued.as_str(),
+            max_restarts,
+            min_workers,
+            now
+        ],
     )?;
     Ok(Submitted { id, name: name.to_string(), state: JobState::Queued })
 }
@@ -510,21 +525,17 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
     if job.state.is_terminal() {
         return Err(Error::conflict(format!("job {job_id} is {}; nothing can join it", job.state)));
     }
+    // An elastic job (min_workers < workers) takes any world from min_workers up, as launched.
     if let Some(world_size) = request.world_size
-        && world_size != job.world_size
+        && !(job.min_workers..=job.world_size).contains(&world_size)
     {
+        let expected = if job.min_workers == job.world_size {
+            format!("the job's distributed.workers {}", job.world_size)
+        } else {
+            format!("the job's distributed.min_workers..workers {}..{}", job.min_workers, job.world_size)
+        };
         return Err(Error::conflict(format!(
-            "world size {world_size} from the engine disagrees with the job's distributed.workers {}",
-            job.world_size
-        )));
-    }
-    if let Some(rank) = request.rank
-        && rank >= job.world_size
-    {
-        return Err(Error::bad_request(format!(
-            "rank {rank} is outside the job's world of {} (ranks 0..{})",
-            job.world_size,
-            job.world_size - 1
+            "world size {world_size} from the engine disagrees with {expected}"
         )));
     }
     let generation = match newest_generation(connection, job_id)? {
@@ -534,8 +545,19 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
                 generation.number, generation.world_size
             )));
         }
-        Some(generation) if generation.state == GenerationState::Forming => generation,
+        Some(generation) if generation.state == GenerationState::Forming => {
+            if let Some(world_size) = request.world_size
+                && world_size != generation.world_size
+            {
+                return Err(Error::conflict(format!(
+                    "world size {world_size} from the engine disagrees with generation {}'s {}",
+                    generation.number, generation.world_size
+                )));
+            }
+            generation
+        }
         previous => {
+            let world_size = request.world_size.unwrap_or(job.world_size);
             let number = previous.as_ref().map_or(1, |g| g.number + 1);
             // The resume point, chosen once for every rank of the generation.
             let resume = newest_reported_checkpoint(connection, job_id)?
@@ -547,7 +569,7 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
                 params![
                     job_id,
                     number,
-                    job.world_size,
+                    world_size,
                     now,
                     resume.as_ref().map(|r| to_sql_u64(r.step)),
                     resume.as_ref().map(|r| r.url.clone())
@@ -562,7 +584,7 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
             }
             Generation {
                 number,
-                world_size: job.world_size,
+                world_size,
                 state: GenerationState::Forming,
                 end_reason: None,
                 started_at: now,
@@ -571,6 +593,16 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
             }
         }
     };
+    if let Some(rank) = request.rank
+        && rank >= generation.world_size
+    {
+        return Err(Error::bad_request(format!(
+            "rank {rank} is outside generation {}'s world of {} (ranks 0..{})",
+            generation.number,
+            generation.world_size,
+            generation.world_size - 1
+        )));
+    }
     // A forming generation ends as soon as one of its members leaves or expires, so every
     // member of it is active.
     let taken = members(connection, job_id, Some(generation.number))?;

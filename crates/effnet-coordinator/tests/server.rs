@@ -473,6 +473,49 @@ async fn generations_resume_from_the_newest_reported_checkpoint_until_restarts_r
     server.stop().await;
 }
 
+/// An elastic job (`min_workers: 2` of 3): each generation runs with the world its engine
+/// launched, from 2 to 3 ranks; every member of a generation must agree on it.
+#[tokio::test]
+async fn elastic_generations_take_the_world_the_engine_launched() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Settings::default()).await;
+    let client = server.client();
+    let yaml = job_yaml("demo", 3).replace("{workers: 3}", "{workers: 3, min_workers: 2}");
+    client.submit(&yaml, "demo.yaml").await.unwrap();
+    let join = |rank: u32, world_size: u32| JoinRequest {
+        rank: Some(rank),
+        world_size: Some(world_size),
+        host: None,
+    };
+    let (status, reason) = rejected(client.join("demo-1", &join(0, 1)).await.unwrap_err());
+    assert_eq!(
+        (status, reason.as_str()),
+        (409, "world size 1 from the engine disagrees with the job's distributed.min_workers..workers 2..3")
+    );
+    let first = client.join("demo-1", &join(0, 3)).await.unwrap();
+    assert_eq!((first.world_size, first.generation_state), (3, GenerationState::Forming));
+    let (status, reason) = rejected(client.join("demo-1", &join(1, 2)).await.unwrap_err());
+    assert_eq!(
+        (status, reason.as_str()),
+        (409, "world size 2 from the engine disagrees with generation 1's 3")
+    );
+    client.join("demo-1", &join(1, 3)).await.unwrap();
+    client.join("demo-1", &join(2, 3)).await.unwrap();
+    // A node is lost: the engine ends the generation and launches two workers.
+    client.restart("demo-1", "rank 2's node is gone", false).await.unwrap();
+    let a = client.join("demo-1", &join(1, 2)).await.unwrap();
+    assert_eq!((a.generation, a.world_size, a.generation_state), (2, 2, GenerationState::Forming));
+    let (status, reason) = rejected(client.join("demo-1", &join(2, 2)).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (400, "rank 2 is outside generation 2's world of 2 (ranks 0..1)"));
+    let b = client.join("demo-1", &join(0, 2)).await.unwrap();
+    assert_eq!((b.generation_state, b.members), (GenerationState::Running, 2));
+    let detail = client.job("demo-1").await.unwrap();
+    let worlds: Vec<u32> = detail.generations.iter().map(|g| g.world_size).collect();
+    assert_eq!(worlds, [3, 2]);
+    assert_eq!((detail.summary.state, detail.summary.workers), (JobState::Running, 2));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn engine_ranks_and_world_sizes_are_checked() {
     let dir = tempfile::tempdir().unwrap();
@@ -489,7 +532,9 @@ async fn engine_ranks_and_world_sizes_are_checked() {
     let (status, reason) = rejected(
         client.join("demo-1", &JoinRequest { rank: Some(2), ..Default::default() }).await.unwrap_err(),
     );
-    assert_eq!((status, reason.as_str()), (400, "rank 2 is outside the job's world of 2 (ranks 0..1)"));
+    assert_eq!((status, reason.as_str()), (400, "rank 2 is outside generation 1's world of 2 (ranks 0..1)"));
+    let summary = client.job("demo-1").await.unwrap().summary;
+    assert_eq!(summary.generation, 0, "the refused join formed no generation");
     let one =
         client.join("demo-1", &JoinRequest { rank: Some(1), world_size: Some(2), host: None }).await.unwrap();
     assert_eq!(one.rank, 1);

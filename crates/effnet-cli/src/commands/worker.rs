@@ -43,7 +43,7 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         .build()
         .context("starting the async runtime")?;
     let detail = runtime.block_on(client.job(job_id))?;
-    let spec = JobSpec::from_yaml_str(&detail.yaml, &format!("job {job_id}"))?;
+    let mut spec = JobSpec::from_yaml_str(&detail.yaml, &format!("job {job_id}"))?;
     let world = effnet_collective::WorldInfo::from_env().map_err(|e| bad_input!("{e}"))?;
     let engine_given = world.source != "single";
     let request = JoinRequest {
@@ -51,8 +51,18 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         rank: engine_given.then_some(world.rank as u32),
         world_size: engine_given.then_some(world.world_size as u32),
     };
-    let joined = runtime.block_on(client.join(job_id, &request))?;
+    let joined = join(&runtime, &client, job_id, &request)?;
     let worker = joined.worker_id.clone();
+    if joined.world_size != spec.distributed.workers {
+        // An elastic job's generation runs with the world its engine launched.
+        tracing::warn!(
+            job = job_id,
+            workers = joined.world_size,
+            of = spec.distributed.workers,
+            "elastic: this generation trains with fewer workers; the rest of the epoch is re-dealt"
+        );
+        spec.distributed.workers = joined.world_size;
+    }
     tracing::info!(job = job_id, worker = %worker, rank = joined.rank, generation = joined.generation, "joined");
     if !engine_given && joined.world_size > 1 {
         // The collective needs the engine's world (mpirun, srun, RANK/WORLD_SIZE).
@@ -117,6 +127,39 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         Err(error) => {
             leave(&runtime, &client, job_id, &worker, LeaveOutcome::Restart, &error.to_string());
             Err(anyhow::Error::new(Restart(format!("{error}; the engine relaunches the job"))))
+        }
+    }
+}
+
+/// How long a relaunched worker keeps asking to join while the previous generation has not
+/// ended yet (its dead members expire after the coordinator's heartbeat timeout).
+const JOIN_PATIENCE: Duration = Duration::from_secs(180);
+
+/// Join the job's forming generation. A 409 while the job goes on means the previous
+/// generation is still running (an engine relaunched faster than the coordinator noticed the
+/// failure): ask again every second until it ends.
+fn join(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    job_id: &str,
+    request: &JoinRequest,
+) -> Result<effnet_coordinator::protocol::Joined> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        match runtime.block_on(client.join(job_id, request)) {
+            Ok(joined) => return Ok(joined),
+            Err(effnet_coordinator::ClientError::Rejected { status: 409, reason, .. })
+                if started.elapsed() < JOIN_PATIENCE
+                    && !runtime.block_on(client.job(job_id))?.summary.state.is_terminal() =>
+            {
+                if !said {
+                    tracing::warn!(job = job_id, %reason, "waiting for the job's previous generation to end");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(error) => return Err(error.into()),
         }
     }
 }

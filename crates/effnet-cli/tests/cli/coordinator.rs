@@ -288,3 +288,92 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
     assert_eq!(skipped_keys_up_to(&job_dir, u64::MAX), corrupt_keys());
     coordinator.terminate();
 }
+
+/// `mpirun -n W effnet worker --coordinator URL --job ID ...`, its output piped.
+fn mpi_workers(workers: u32, coordinator: &Coordinator, id: &str, token_file: &Path) -> Child {
+    let mut mpirun = Command::new("mpirun");
+    mpirun.args(["-n", &workers.to_string(), "--bind-to", "none", "--oversubscribe"]);
+    if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    {
+        mpirun.arg("--allow-run-as-root");
+    }
+    mpirun
+        .arg(env!("CARGO_BIN_EXE_effnet"))
+        .args(["worker", "--coordinator", &coordinator.url, "--job", id, "--progress", "never"])
+        .arg("--token-file")
+        .arg(token_file)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Elastic: a job of 3 workers with `min_workers: 2`, launched as `mpirun -n 3`; one worker is
+/// SIGKILLed mid-epoch (mpirun ends the others) and its node is taken as lost, so the engine
+/// relaunches only two. They wait for the first generation to expire, form the second with a
+/// world of 2, resume from the coordinator's checkpoint with the rest of the epoch re-dealt to
+/// two ranks, and finish: every good sample of the epoch trained exactly once.
+#[test]
+fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
+    use crate::exactly_once::{
+        assert_exactly_once, corrupt_keys, data_dir, records, skipped_keys_up_to, write_job_reading,
+    };
+    use std::time::{Duration, Instant};
+
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let yaml = write_job_reading(dir.path(), &data.path().join("train").display().to_string(), 3);
+    let text =
+        std::fs::read_to_string(&yaml).unwrap().replace("  workers: 3\n", "  workers: 3\n  min_workers: 2\n");
+    std::fs::write(&yaml, text).unwrap();
+    let job_dir = dir.path().join("job");
+    let coordinator = Coordinator::start(&dir.path().join("state"), &token_file);
+    let submitted = client(&coordinator, &token_file, &["submit", yaml.to_str().unwrap()]);
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let id = submitted.stdout.trim().to_string();
+
+    let three = mpi_workers(3, &coordinator, &id, &token_file);
+    let marker = job_dir.join("checkpoints/step-00000016/COMMIT");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 16");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let workers = crate::common::worker_processes(&token_file);
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    assert!(Command::new("kill").args(["-KILL", &workers[2].to_string()]).status().unwrap().success());
+    let first = three.wait_with_output().unwrap();
+    assert_ne!(first.status.code(), Some(0), "mpirun fails when a rank is killed");
+
+    let two = mpi_workers(2, &coordinator, &id, &token_file).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&two.stderr);
+    assert_eq!(two.status.code(), Some(0), "{stderr}");
+    let status = client(&coordinator, &token_file, &["status", &id, "--json"]);
+    let detail: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(
+        (detail["state"].as_str(), detail["restarts"].as_u64()),
+        (Some("succeeded"), Some(1)),
+        "{detail}"
+    );
+    let worlds: Vec<u64> =
+        detail["generations"].as_array().unwrap().iter().map(|g| g["world_size"].as_u64().unwrap()).collect();
+    assert_eq!(worlds, [3, 2]);
+
+    let starts = records(&job_dir, "start");
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!((starts[1]["world_size"].as_u64(), starts[1]["redealt"].as_bool()), (Some(2), Some(true)));
+    let resumed_step = starts[1]["step"].as_u64().unwrap();
+    assert!(resumed_step >= 16, "resumed at step {resumed_step}");
+    let trained: Vec<String> = crate::common::sample_lines(&job_dir)
+        .into_iter()
+        .filter(|(attempt, step, _, _)| *attempt == 2 || *step < resumed_step)
+        .flat_map(|l| l.3)
+        .collect();
+    assert_exactly_once(&trained);
+    assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
+    coordinator.terminate();
+}

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 
 use crate::common::{
     effnet, run_and_kill_after, sample_lines, synthetic_dataset_at, synthetic_dataset_with_corrupt,
+    worker_processes,
 };
 
 /// 1,006 samples in row groups of 16 (62 of 16 and one of 14), 3 of them corrupt: 1,003 good.
@@ -228,23 +229,6 @@ fn killed_mid_epoch_and_resumed_on_three_ranks_is_exactly_once() {
     killed_at_two_and_resumed_at(3);
 }
 
-/// The worker processes of a job directory's `effnet run`: their command line names the token
-/// file of the job's in-process coordinator.
-fn workers_of(job_dir: &Path) -> Vec<u32> {
-    let token = job_dir.join("coordinator/token").display().to_string();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> =
-            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.get(1).map(String::as_str) == Some("worker") && args.contains(&token) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// The exactly-once dataset in the S3 server's bucket under `train/`.
 pub(crate) fn s3_data() -> effnet_store::testing::S3TestServer {
     let server =
@@ -284,7 +268,7 @@ fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
     }
     // Time for rank 0's heartbeat to report the checkpoint (it is sent when committed).
     std::thread::sleep(Duration::from_millis(500));
-    let workers = workers_of(&job_dir);
+    let workers = worker_processes(&job_dir.join("coordinator/token"));
     assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
     let killed = Command::new("kill").args(["-KILL", &workers[1].to_string()]).status().unwrap();
     assert!(killed.success());
@@ -295,7 +279,7 @@ fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
         stderr.contains("restarting job exactly-once-1 from its last checkpoint (restart 1 of at most 3)"),
         "{stderr}"
     );
-    assert!(workers_of(&job_dir).is_empty(), "no worker outlives the run");
+    assert!(worker_processes(&job_dir.join("coordinator/token")).is_empty(), "no worker outlives the run");
 
     let starts = records(&job_dir, "start");
     assert_eq!(starts.len(), 2, "{starts:?}");

@@ -224,3 +224,19 @@ fn living_in_group(group: u32) -> usize {
         })
         .count()
 }
+
+/// The `effnet worker` processes whose command line names `token_file`.
+pub fn worker_processes(token_file: &Path) -> Vec<u32> {
+    let token = token_file.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.get(1).map(String::as_str) == Some("worker") && args.contains(&token) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
