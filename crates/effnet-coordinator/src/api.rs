@@ -43,6 +43,7 @@ pub fn router(state: Arc<State>) -> Router {
     let limit = state.settings().body_limit;
     Router::new()
         .route("/", get(status_page))
+        .route("/view/{key}/", get(status_page_view))
         .route("/metrics", get(prometheus))
         .route("/v1/jobs", post(submit).get(list))
         .route("/v1/jobs/{job}", get(show))
@@ -60,6 +61,10 @@ pub fn router(state: Arc<State>) -> Router {
 }
 
 async fn authorize(Shared(state): Shared<Arc<State>>, request: Request, next: Next) -> Response {
+    // The status page by its key (checked by its handler) needs no bearer header.
+    if request.method() == axum::http::Method::GET && request.uri().path().starts_with("/view/") {
+        return next.run(request).await;
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -198,6 +203,19 @@ async fn prometheus(Shared(state): Shared<Arc<State>>) -> Answer<Response> {
     let members = state.member_counts().await?;
     let text = metrics::render(&jobs, &members, crate::state::now());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+/// `/view/{key}/`: the status page for a browser that has the view key; any other key is an
+/// unknown endpoint, as if the path did not exist.
+async fn status_page_view(
+    Shared(state): Shared<Arc<State>>,
+    Path(key): Path<String>,
+    request: Request,
+) -> Answer<Html<String>> {
+    if !state.view_key_matches(&key) {
+        return Err(Error::UnknownEndpoint { method: "GET".into(), path: request.uri().path().to_string() });
+    }
+    status_page(Shared(state)).await
 }
 
 async fn status_page(Shared(state): Shared<Arc<State>>) -> Answer<Html<String>> {

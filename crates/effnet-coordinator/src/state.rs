@@ -46,9 +46,19 @@ impl Default for Settings {
 pub struct State {
     store: Store,
     token: Vec<u8>,
+    /// The status page's capability path segment (see [`State::view_key`]).
+    view_key: String,
     settings: Settings,
     /// Worker id → the instant it expires unless it heartbeats.
     deadlines: Mutex<HashMap<String, Instant>>,
+}
+
+/// SHA-256 of a domain tag and the token, in hex: the status page's key.
+fn view_key(token: &str) -> String {
+    use sha2::Digest as _;
+    let digest =
+        sha2::Sha256::new().chain_update(b"effnet status page\0").chain_update(token.as_bytes()).finalize();
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Seconds since the Unix epoch, the time format of the database and the API.
@@ -67,11 +77,30 @@ impl State {
         let watched = store.call(store::watched_members).await?;
         let deadline = Instant::now() + settings.heartbeat_timeout;
         let deadlines = watched.into_iter().map(|id| (id, deadline)).collect();
-        Ok(State { store, token: token.as_bytes().to_vec(), settings, deadlines: Mutex::new(deadlines) })
+        let view_key = view_key(token);
+        Ok(State {
+            store,
+            token: token.as_bytes().to_vec(),
+            view_key,
+            settings,
+            deadlines: Mutex::new(deadlines),
+        })
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The status page for browsers, which cannot send a bearer header: `/view/{key}/` serves
+    /// the page (and nothing else) to whoever has the key, a one-way digest of the token. The
+    /// key shows job status, and cannot submit, cancel or act as a worker.
+    pub fn view_key(&self) -> &str {
+        &self.view_key
+    }
+
+    /// Whether `presented` is the view key (constant time for equal lengths).
+    pub fn view_key_matches(&self, presented: &str) -> bool {
+        bool::from(self.view_key.as_bytes().ct_eq(presented.as_bytes()))
     }
 
     /// Compares a presented token with the coordinator's in constant time (for equal lengths).

@@ -1,6 +1,8 @@
 //! The coordinator and its clients:
 //! - `effnet coordinator --listen ADDR --state-dir DIR --token-file F`: serve the API
-//!   (effnet-coordinator) until ctrl-c or SIGTERM; prints `coordinator listening on http://ADDR`.
+//!   (effnet-coordinator) until ctrl-c or SIGTERM; prints `coordinator listening on http://ADDR`,
+//!   then `status page http://ADDR/view/KEY/` (the page for browsers, by a key derived from the
+//!   token).
 //! - `effnet submit JOB.yaml --coordinator URL`: validate the spec here with the messages of
 //!   `effnet run --check`, then submit it; prints the job id.
 //! - `effnet status [JOB] [--json]`, `effnet cancel JOB`, `effnet logs JOB`.
@@ -147,6 +149,8 @@ pub fn serve(args: CoordinatorArgs) -> Result<()> {
         let address = listener.local_addr().context("reading the listening address")?;
         let state = Arc::new(State::open(&args.state_dir, &token, settings).await?);
         out!("coordinator listening on http://{address} (state in {})", args.state_dir.display());
+        // For browsers, which cannot send the bearer token: a read-only capability URL.
+        out!("status page http://{address}/view/{}/", state.view_key());
         tracing::info!(%address, state_dir = %args.state_dir.display(), "coordinator started");
         effnet_coordinator::run(listener, state, shutdown_signal()).await?;
         Ok(())

@@ -12,6 +12,8 @@ const TOKEN: &str = "cli-test-token";
 struct Coordinator {
     child: Child,
     url: String,
+    /// The status page's URL for browsers (`/view/KEY/`), from the second line.
+    page: String,
 }
 
 impl Coordinator {
@@ -31,14 +33,22 @@ impl Coordinator {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("effnet coordinator starts");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        stdout.read_line(&mut line).unwrap();
         let url = line
             .strip_prefix("coordinator listening on ")
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Coordinator { child, url }
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        let page = line
+            .strip_prefix("status page ")
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .trim()
+            .to_string();
+        Coordinator { child, url, page }
     }
 
     /// SIGTERM, as Kubernetes and Slurm stop it: it must exit cleanly.
@@ -375,5 +385,91 @@ fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
         .collect();
     assert_exactly_once(&trained);
     assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
+    coordinator.terminate();
+}
+
+/// A plain HTTP GET without a token: the status code.
+fn get_status(url: &str) -> u16 {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The status page in headless Chromium, by the view URL `effnet coordinator` prints (browsers
+/// cannot send the bearer token): every job with its state, generation, workers, step, loss
+/// curve, restarts and checkpoint, drawn, no console errors, and a refresh to stay live. The
+/// page needs the key (a wrong one is 404, `/` without the token 401) and the key opens nothing
+/// else.
+#[test]
+fn the_status_page_opens_in_chromium_by_its_view_url() {
+    use effnet_coordinator::protocol::{CheckpointReport, JoinRequest, Progress};
+
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("state"), &token_file);
+    let yaml = |name: &str| {
+        format!("name: {name}\nmodel: {{variant: b0}}\ndata: {{train: x}}\ndistributed: {{workers: 2}}\n")
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let api = effnet_coordinator::Client::new(&coordinator.url, TOKEN).unwrap();
+    runtime.block_on(async {
+        api.submit(&yaml("fmnist"), "fmnist.yaml").await.unwrap();
+        api.submit(&yaml("queued"), "queued.yaml").await.unwrap();
+        let zero = api.join("fmnist-1", &JoinRequest::default()).await.unwrap();
+        api.join("fmnist-1", &JoinRequest::default()).await.unwrap();
+        for step in 1..=12u64 {
+            let progress = Progress {
+                step: Some(step),
+                epoch: Some(step as f64 / 10.0),
+                images_per_s: Some(250.0),
+                loss: Some(2.3 / step as f64),
+                checkpoint: (step % 4 == 0)
+                    .then(|| CheckpointReport { step, url: format!("file:///ckpt/step-{step:08}") }),
+            };
+            api.heartbeat("fmnist-1", &zero.worker_id, &progress).await.unwrap();
+        }
+    });
+
+    assert!(coordinator.page.starts_with(&format!("{}/view/", coordinator.url)), "{}", coordinator.page);
+    assert_eq!(get_status(&coordinator.page), 200);
+    assert_eq!(get_status(&format!("{}/view/{}/", coordinator.url, "0".repeat(64))), 404);
+    assert_eq!(get_status(&format!("{}/", coordinator.url)), 401);
+    let key = coordinator.page.trim_end_matches('/').rsplit('/').next().unwrap().to_string();
+    assert_eq!(
+        get_status(&format!("{}/v1/jobs?key={key}", coordinator.url)),
+        401,
+        "the key opens only the page"
+    );
+
+    let page = crate::common::browser::open_url(&coordinator.page, 1400, 500);
+    let errors: Vec<&String> =
+        page.console.iter().filter(|l| l.contains("ERROR") || l.contains("rror")).collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    let dom = &page.dom;
+    for expected in [
+        "fmnist-1",
+        "queued-2",
+        ">running<",
+        ">queued<",
+        "1 (running)",
+        "2 / 2",
+        ">12<",
+        "1.20",
+        "0.1917",
+        "step 12",
+        "file:///ckpt/step-00000012",
+        "<polyline",
+        "http-equiv=\"refresh\"",
+    ] {
+        assert!(dom.contains(expected), "{expected:?} not on the page:\n{dom}");
+    }
+    assert!(page.ink_pixels() > 5_000, "the page drew little: {} pixels", page.ink_pixels());
+    assert!(page.pixels_of([0x1f, 0x6f, 0xeb], 40) > 20, "no loss curve drawn");
     coordinator.terminate();
 }

@@ -1,5 +1,6 @@
-//! A real browser for the report tests: headless Chromium (Debian's `chromium`) opens a page from
-//! disk, takes a screenshot and prints the DOM; every console message it logs is collected.
+//! A real browser for the report and status-page tests: headless Chromium (Debian's `chromium`)
+//! opens a page from disk or over HTTP, takes a screenshot and prints the DOM; every console
+//! message it logs is collected.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,8 +30,7 @@ pub fn chromium() -> PathBuf {
     );
 }
 
-fn run(page: &Path, args: &[&str], profile: &Path) -> std::process::Output {
-    let url = format!("file://{}", page.canonicalize().unwrap().display());
+fn run(url: &str, args: &[&str], profile: &Path) -> std::process::Output {
     Command::new(chromium())
         .args([
             "--headless",
@@ -50,6 +50,11 @@ fn run(page: &Path, args: &[&str], profile: &Path) -> std::process::Output {
 
 /// Open `page` in headless Chromium: screenshot at `width`×`height`, DOM, console messages.
 pub fn open(page: &Path, width: u32, height: u32) -> PageCheck {
+    open_url(&format!("file://{}", page.canonicalize().unwrap().display()), width, height)
+}
+
+/// [`open`] for a URL (a page served over HTTP).
+pub fn open_url(page: &str, width: u32, height: u32) -> PageCheck {
     let scratch = tempfile::tempdir().unwrap();
     let png = scratch.path().join("screenshot.png");
     let shot = run(
