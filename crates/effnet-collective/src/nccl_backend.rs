@@ -92,9 +92,13 @@ fn describe(result: nccl::ncclResult_t) -> String {
 }
 
 impl Nccl {
-    /// Join the NCCL group of `info`: device `local_rank`, rank 0's unique id delivered over the
-    /// TCP rendezvous at `address` (`MASTER_ADDR:MASTER_PORT`).
-    pub fn init(info: &WorldInfo, address: &str, timeout: Duration) -> Result<Nccl> {
+    /// Join the NCCL group of `info`: device `local_rank`, rank 0's unique id delivered by
+    /// `rendezvous` (the TCP one at `MASTER_ADDR:MASTER_PORT`, or a coordinator's).
+    pub fn init(
+        info: &WorldInfo,
+        rendezvous: &dyn crate::rendezvous::Rendezvous,
+        timeout: Duration,
+    ) -> Result<Nccl> {
         nccl_available().map_err(unavailable)?;
         let device = info.local_rank as i32;
         // SAFETY: driver calls after a successful cuInit; the device ordinal is checked first.
@@ -129,11 +133,12 @@ impl Nccl {
         } else {
             None
         };
-        let bytes = crate::rendezvous::share(address, info.rank, info.world_size, id.as_deref(), timeout)?;
+        let bytes = rendezvous.share(info.rank, info.world_size, id.as_deref(), timeout)?;
+        let address = rendezvous.address();
         let mut unique = nccl::ncclUniqueId { internal: [0; 128] };
         if bytes.len() != unique.internal.len() {
             return Err(Error::Rendezvous {
-                address: address.to_string(),
+                address,
                 reason: format!("expected a 128-byte NCCL id, got {} bytes", bytes.len()),
             });
         }

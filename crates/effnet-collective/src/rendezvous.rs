@@ -1,8 +1,7 @@
-//! A minimal TCP rendezvous for launches without the coordinator: rank 0 listens on
-//! `MASTER_ADDR:MASTER_PORT` and hands the same bytes (NCCL's unique id) to every other rank.
-//!
-//! The coordinator's rendezvous replaces this when jobs are submitted to it; the protocol is the
-//! same shape: one blob from rank 0, delivered to the world.
+//! How rank 0's bytes (NCCL's unique id) reach every rank: [`Rendezvous`]. [`Tcp`] is a minimal
+//! TCP rendezvous for launches without the coordinator: rank 0 listens on
+//! `MASTER_ADDR:MASTER_PORT` and hands the same bytes to every other rank. A coordinator's
+//! workers publish and fetch them through the coordinator instead (effnet-cli's worker).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -11,6 +10,50 @@ use std::time::{Duration, Instant};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"EFFNETRV";
+
+/// Delivers rank 0's bytes to every rank of the world.
+pub trait Rendezvous: Send + Sync + std::fmt::Debug {
+    /// Rank 0 passes `Some(bytes)` and returns them once every rank can have them (or has
+    /// them); the others pass `None` and get rank 0's, all within `timeout`.
+    fn share(
+        &self,
+        rank: usize,
+        world_size: usize,
+        bytes: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>>;
+    /// Where the bytes travel, for messages.
+    fn address(&self) -> String;
+}
+
+/// The TCP rendezvous at `MASTER_ADDR:MASTER_PORT` ([`share`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tcp {
+    pub address: String,
+}
+
+impl Tcp {
+    /// At `MASTER_ADDR:MASTER_PORT` ([`address_from_env`]).
+    pub fn from_env() -> Tcp {
+        Tcp { address: address_from_env() }
+    }
+}
+
+impl Rendezvous for Tcp {
+    fn share(
+        &self,
+        rank: usize,
+        world_size: usize,
+        bytes: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        share(&self.address, rank, world_size, bytes, timeout)
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+}
 
 /// `MASTER_ADDR:MASTER_PORT`, defaulting to `127.0.0.1:29500` (torchrun's default port).
 pub fn address_from_env() -> String {

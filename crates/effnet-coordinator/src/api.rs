@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::protocol::{ErrorBody, JoinRequest, LeaveRequest, Progress, RestartRequest};
+use crate::protocol::{ErrorBody, JoinRequest, LeaveRequest, Progress, RendezvousBlob, RestartRequest};
 use crate::state::State;
 use crate::{metrics, page};
 
@@ -53,6 +53,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/jobs/{job}/workers", post(join))
         .route("/v1/jobs/{job}/workers/{worker}/heartbeat", post(heartbeat))
         .route("/v1/jobs/{job}/workers/{worker}/leave", post(leave))
+        .route("/v1/jobs/{job}/workers/{worker}/rendezvous", post(publish_rendezvous).get(rendezvous))
         .fallback(unknown_endpoint)
         .layer(DefaultBodyLimit::max(limit))
         // Outermost: nothing runs, and no body is read, for a request without the token.
@@ -196,6 +197,24 @@ async fn leave(
     let answer = state.leave(&job, &worker, request).await?;
     tracing::info!(job = %job, worker = %worker, "worker left");
     Ok(Json(answer))
+}
+
+async fn publish_rendezvous(
+    Shared(state): Shared<Arc<State>>,
+    Path((job, worker)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Answer<Json<RendezvousBlob>> {
+    let request: RendezvousBlob = json_body(&body(&state, bytes)?, "rendezvous")?;
+    let blob = request.blob.ok_or_else(|| Error::bad_request("rendezvous: blob is null"))?;
+    state.publish_rendezvous(&job, &worker, blob.clone()).await?;
+    Ok(Json(RendezvousBlob { blob: Some(blob) }))
+}
+
+async fn rendezvous(
+    Shared(state): Shared<Arc<State>>,
+    Path((job, worker)): Path<(String, String)>,
+) -> Answer<Json<RendezvousBlob>> {
+    Ok(Json(RendezvousBlob { blob: state.rendezvous(&job, &worker).await? }))
 }
 
 async fn prometheus(Shared(state): Shared<Arc<State>>) -> Answer<Response> {

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 use crate::protocol::{
     ErrorBody, HeartbeatAnswer, JobDetail, JobSummary, JoinRequest, Joined, LeaveRequest, Progress,
-    ProgressRecord, RestartRequest, Submitted,
+    ProgressRecord, RendezvousBlob, RestartRequest, Submitted,
 };
 
 #[non_exhaustive]
@@ -142,6 +142,31 @@ impl Client {
     ) -> ClientResult<HeartbeatAnswer> {
         let path = format!("/v1/jobs/{}/workers/{}/heartbeat", encode(job), encode(worker));
         self.send(Method::POST, &path, Body::json(progress)).await
+    }
+
+    /// Rank 0 publishes its generation's rendezvous bytes (NCCL's unique id).
+    pub async fn publish_rendezvous(&self, job: &str, worker: &str, bytes: &[u8]) -> ClientResult<()> {
+        let path = format!("/v1/jobs/{}/workers/{}/rendezvous", encode(job), encode(worker));
+        let blob = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let _: RendezvousBlob =
+            self.send(Method::POST, &path, Body::json(&RendezvousBlob { blob: Some(blob) })).await?;
+        Ok(())
+    }
+
+    /// The generation's rendezvous bytes, `None` until rank 0 published them.
+    pub async fn rendezvous(&self, job: &str, worker: &str) -> ClientResult<Option<Vec<u8>>> {
+        let path = format!("/v1/jobs/{}/workers/{}/rendezvous", encode(job), encode(worker));
+        let answer: RendezvousBlob = self.send(Method::GET, &path, Body::None).await?;
+        let Some(hex) = answer.blob else { return Ok(None) };
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| hex.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+            .collect();
+        bytes.map(Some).ok_or_else(|| ClientError::Server {
+            url: format!("{}{path}", self.base_url),
+            status: 200,
+            reason: "the rendezvous blob is not hex".into(),
+        })
     }
 
     pub async fn leave(

@@ -334,6 +334,17 @@ pub struct RestartRequest {
     pub give_up: bool,
 }
 
+/// `POST`/`GET /v1/jobs/{id}/workers/{wid}/rendezvous`: the bytes rank 0 publishes for its
+/// generation (NCCL's unique id), hex-encoded; `null` until published.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RendezvousBlob {
+    pub blob: Option<String>,
+}
+
+/// The largest rendezvous blob, in bytes (NCCL's unique id is 128).
+pub const RENDEZVOUS_LIMIT: usize = 4096;
+
 /// One recorded step of a worker (`GET /v1/jobs/{id}/progress`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProgressRecord {

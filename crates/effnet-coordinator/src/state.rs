@@ -213,6 +213,29 @@ impl State {
         Ok(answer)
     }
 
+    /// Rank 0 publishes its generation's rendezvous bytes (hex, at most
+    /// [`crate::protocol::RENDEZVOUS_LIMIT`] bytes), once.
+    pub async fn publish_rendezvous(&self, job_id: &str, worker_id: &str, blob: String) -> Result<()> {
+        let valid = blob.len().is_multiple_of(2)
+            && blob.len() / 2 <= crate::protocol::RENDEZVOUS_LIMIT
+            && !blob.is_empty()
+            && blob.bytes().all(|b| b.is_ascii_hexdigit());
+        if !valid {
+            return Err(Error::bad_request(format!(
+                "rendezvous blob: expected 1 to {} bytes in hex",
+                crate::protocol::RENDEZVOUS_LIMIT
+            )));
+        }
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        self.store.call(move |db| store::publish_rendezvous(db, &job, &worker, &blob)).await
+    }
+
+    /// The member's generation's rendezvous bytes (hex), `None` until published.
+    pub async fn rendezvous(&self, job_id: &str, worker_id: &str) -> Result<Option<String>> {
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        self.store.call(move |db| store::rendezvous(db, &job, &worker)).await
+    }
+
     pub async fn progress(&self, job_id: &str, limit: u32) -> Result<Vec<ProgressRecord>> {
         let job_id = job_id.to_string();
         self.store.call(move |db| store::progress_history(db, &job_id, limit)).await

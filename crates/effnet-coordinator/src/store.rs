@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS generations (
     ended_at REAL,
     resume_step INTEGER,
     resume_url TEXT,
+    rendezvous TEXT,
     PRIMARY KEY (job_id, number)
 );
 CREATE TABLE IF NOT EXISTS members (
@@ -928,4 +929,69 @@ pub(crate) fn member_counts(connection: &Connection) -> Result<Vec<(String, Memb
         out.push((job, parse(state)?, from_sql_u64(Some(count)).unwrap_or(0)));
     }
     Ok(out)
+}
+
+/// The active member of a generation that has not ended, for the rendezvous.
+fn rendezvous_member(connection: &Connection, job_id: &str, worker_id: &str) -> Result<Member> {
+    let member = member(connection, job_id, worker_id)?;
+    let generation = generations(connection, job_id)?
+        .into_iter()
+        .find(|g| g.number == member.generation)
+        .ok_or_else(|| Error::Corrupt { message: format!("worker {worker_id} has no generation") })?;
+    if member.state != MemberState::Active || generation.state == GenerationState::Ended {
+        return Err(Error::conflict(format!(
+            "worker {worker_id} is not an active member of a live generation (generation {} is {})",
+            generation.number,
+            generation.state.as_str()
+        )));
+    }
+    Ok(member)
+}
+
+/// Rank 0 publishes its generation's rendezvous bytes (hex), once.
+pub(crate) fn publish_rendezvous(
+    connection: &Connection,
+    job_id: &str,
+    worker_id: &str,
+    blob: &str,
+) -> Result<()> {
+    let member = rendezvous_member(connection, job_id, worker_id)?;
+    if member.rank != 0 {
+        return Err(Error::conflict(format!(
+            "worker {worker_id} is rank {}; only rank 0 publishes the rendezvous",
+            member.rank
+        )));
+    }
+    let existing: Option<String> = query_row(
+        connection,
+        "SELECT rendezvous FROM generations WHERE job_id = ?1 AND number = ?2",
+        params![job_id, member.generation],
+        |row| row.get(0),
+    )?;
+    match existing {
+        Some(existing) if existing == blob => Ok(()),
+        Some(_) => Err(Error::conflict(format!(
+            "generation {}'s rendezvous is already published",
+            member.generation
+        ))),
+        None => {
+            execute(
+                connection,
+                "UPDATE generations SET rendezvous = ?3 WHERE job_id = ?1 AND number = ?2",
+                params![job_id, member.generation, blob],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// The member's generation's rendezvous bytes (hex), `None` until rank 0 published them.
+pub(crate) fn rendezvous(connection: &Connection, job_id: &str, worker_id: &str) -> Result<Option<String>> {
+    let member = rendezvous_member(connection, job_id, worker_id)?;
+    Ok(query_row(
+        connection,
+        "SELECT rendezvous FROM generations WHERE job_id = ?1 AND number = ?2",
+        params![job_id, member.generation],
+        |row| row.get(0),
+    )?)
 }

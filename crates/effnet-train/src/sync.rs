@@ -515,6 +515,7 @@ pub fn connect(
     spec: &effnet_config::JobSpec,
     launch: crate::trainer::Launch,
     device: Device,
+    rendezvous: Option<&dyn effnet_collective::rendezvous::Rendezvous>,
 ) -> Result<Option<DataParallel>> {
     let workers = spec.distributed.workers as usize;
     if launch == crate::trainer::Launch::Single {
@@ -557,8 +558,10 @@ pub fn connect(
             }
             let info = effnet_collective::WorldInfo::from_env()
                 .map_err(|e| Error::invalid("environment", e.to_string()))?;
-            let address = effnet_collective::rendezvous::address_from_env();
-            Box::new(effnet_collective::Nccl::init(&info, &address, timeout).map_err(collective_error)?)
+            // The coordinator's rendezvous for its workers, else MASTER_ADDR:MASTER_PORT.
+            let tcp = effnet_collective::rendezvous::Tcp::from_env();
+            let rendezvous = rendezvous.unwrap_or(&tcp);
+            Box::new(effnet_collective::Nccl::init(&info, rendezvous, timeout).map_err(collective_error)?)
         }
     };
     if collective.world_size() != workers {

@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub launch: Launch,
     /// Kept up to date with this rank's step, loss and committed checkpoints (for heartbeats).
     pub live: Option<LiveProgress>,
+    /// How NCCL's unique id reaches the ranks (a coordinator's); `None`: `MASTER_ADDR:MASTER_PORT`.
+    pub rendezvous: Option<std::sync::Arc<dyn effnet_collective::rendezvous::Rendezvous>>,
 }
 
 /// A sample a rank could not use, with why.
@@ -116,7 +118,7 @@ pub fn run(spec: &JobSpec, options: RunOptions) -> Result<RunSummary> {
     let device = device(spec, local_rank)?;
     let runtime = runtime()?;
     let prepared = runtime.block_on(prepare(spec))?;
-    let mut parallel = connect(spec, options.launch, device)?;
+    let mut parallel = connect(spec, options.launch, device, options.rendezvous.as_deref())?;
     let result = Training::build(spec, &options, &runtime, prepared, device, parallel.as_mut())
         .and_then(|training| training.run(&options, &mut parallel, started));
     if let (Err(error), Some(parallel)) = (&result, &parallel) {

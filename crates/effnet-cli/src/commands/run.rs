@@ -127,8 +127,10 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
         (None, true) => ResumeFrom::Fresh,
         (None, false) => ResumeFrom::Latest,
     };
-    let summary =
-        effnet_train::run(&spec, RunOptions { resume, progress: args.progress(), launch, live: None })?;
+    let summary = effnet_train::run(
+        &spec,
+        RunOptions { resume, progress: args.progress(), launch, live: None, rendezvous: None },
+    )?;
     finish(&spec, &summary, &args);
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use effnet_collective::rendezvous::Rendezvous;
 use effnet_config::JobSpec;
 use effnet_coordinator::Client;
 use effnet_coordinator::protocol::{
@@ -106,10 +107,20 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         })
         .context("starting the heartbeat thread")?;
     let launch = if joined.world_size > 1 { Launch::Worker } else { Launch::Single };
-    let outcome = effnet_train::run(
-        &spec,
-        RunOptions { resume, progress: args.progress(), launch, live: Some(live.clone()) },
-    );
+    let rendezvous = CoordinatorRendezvous {
+        url: url.to_string(),
+        token: token.token()?,
+        job: job_id.to_string(),
+        worker: worker.clone(),
+    };
+    let options = RunOptions {
+        resume,
+        progress: args.progress(),
+        launch,
+        live: Some(live.clone()),
+        rendezvous: Some(Arc::new(rendezvous)),
+    };
+    let outcome = effnet_train::run(&spec, options);
     done.store(true, Ordering::SeqCst);
     let _ = beating.join();
     match outcome {
@@ -215,6 +226,61 @@ fn heartbeats(
     }
 }
 
+/// NCCL's unique id through the coordinator: rank 0 publishes it for its generation, the other
+/// ranks ask for it until it is there. Only members of the generation, with the job's token,
+/// can publish or read it.
+#[derive(Debug)]
+struct CoordinatorRendezvous {
+    url: String,
+    token: String,
+    job: String,
+    worker: String,
+}
+
+impl Rendezvous for CoordinatorRendezvous {
+    fn share(
+        &self,
+        rank: usize,
+        _world_size: usize,
+        bytes: Option<&[u8]>,
+        timeout: Duration,
+    ) -> effnet_collective::Result<Vec<u8>> {
+        let fail = |reason: String| effnet_collective::Error::Rendezvous { address: self.address(), reason };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let client = Client::new(&self.url, &self.token).map_err(|e| fail(e.to_string()))?;
+        if let Some(bytes) = bytes {
+            runtime
+                .block_on(client.publish_rendezvous(&self.job, &self.worker, bytes))
+                .map_err(|e| fail(e.to_string()))?;
+            return Ok(bytes.to_vec());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match runtime.block_on(client.rendezvous(&self.job, &self.worker)) {
+                Ok(Some(bytes)) => return Ok(bytes),
+                Ok(None) => {}
+                Err(error) if error.is_bad_input() => return Err(fail(error.to_string())),
+                // Unreachable for a moment (restarting): ask again.
+                Err(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!(
+                    "rank {rank}: rank 0 published nothing within {} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("{}/v1/jobs/{}/workers/{}/rendezvous", self.url, self.job, self.worker)
+    }
+}
+
 fn progress(live: &LiveProgress) -> Progress {
     let live = live.lock().unwrap_or_else(PoisonError::into_inner).clone();
     Progress {
@@ -257,4 +323,81 @@ fn hostname() -> Option<String> {
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use effnet_coordinator::{Settings, State};
+
+    const TOKEN: &str = "rendezvous-test-token";
+
+    /// A coordinator on loopback with a running 2-worker job; its URL and the two worker ids.
+    fn coordinator(runtime: &tokio::runtime::Runtime, dir: &std::path::Path) -> (String, String, String) {
+        runtime.block_on(async {
+            let state = Arc::new(State::open(dir, TOKEN, Settings::default()).await.unwrap());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(effnet_coordinator::run(listener, state, std::future::pending::<()>()));
+            let client = Client::new(&url, TOKEN).unwrap();
+            let yaml = "name: nccl\nmodel: {variant: b0}\ndata: {train: x}\ndistributed: {workers: 2}\n";
+            client.submit(yaml, "nccl.yaml").await.unwrap();
+            let zero =
+                client.join("nccl-1", &JoinRequest { rank: Some(0), ..Default::default() }).await.unwrap();
+            let one =
+                client.join("nccl-1", &JoinRequest { rank: Some(1), ..Default::default() }).await.unwrap();
+            (url, zero.worker_id, one.worker_id)
+        })
+    }
+
+    fn rendezvous(url: &str, worker: &str) -> CoordinatorRendezvous {
+        CoordinatorRendezvous {
+            url: url.into(),
+            token: TOKEN.into(),
+            job: "nccl-1".into(),
+            worker: worker.into(),
+        }
+    }
+
+    #[test]
+    fn rank_zeros_id_reaches_the_other_rank_through_the_coordinator() {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (url, zero, one) = coordinator(&runtime, dir.path());
+        let id: Vec<u8> = (0..128).map(|i| (i * 7 % 256) as u8).collect();
+
+        // Rank 1 asks first and waits; rank 0 publishes a moment later.
+        let fetcher = {
+            let peer = rendezvous(&url, &one);
+            std::thread::spawn(move || peer.share(1, 2, None, Duration::from_secs(20)))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(rendezvous(&url, &zero).share(0, 2, Some(&id), Duration::from_secs(20)).unwrap(), id);
+        assert_eq!(fetcher.join().unwrap().unwrap(), id);
+
+        // Only rank 0 publishes, and only once.
+        let refused =
+            rendezvous(&url, &one).share(1, 2, Some(&[1, 2, 3]), Duration::from_secs(5)).unwrap_err();
+        assert!(refused.to_string().contains("only rank 0 publishes the rendezvous"), "{refused}");
+        let again = rendezvous(&url, &zero).share(0, 2, Some(&[9; 128]), Duration::from_secs(5)).unwrap_err();
+        assert!(again.to_string().contains("already published"), "{again}");
+        // The token is needed.
+        let mut stranger = rendezvous(&url, &one);
+        stranger.token = "wrong".into();
+        let unauthorised = stranger.share(1, 2, None, Duration::from_secs(5)).unwrap_err();
+        assert!(unauthorised.to_string().contains("(401)"), "{unauthorised}");
+    }
+
+    #[test]
+    fn a_rank_waiting_for_an_id_that_never_comes_times_out() {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _, one) = coordinator(&runtime, dir.path());
+        let started = Instant::now();
+        let error = rendezvous(&url, &one).share(1, 2, None, Duration::from_millis(500)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(error.to_string().contains("rank 1: rank 0 published nothing within 0.5 s"), "{error}");
+    }
 }

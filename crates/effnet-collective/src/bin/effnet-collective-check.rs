@@ -92,8 +92,10 @@ fn main() {
         Backend::Mpi => Box::new(Mpi::init(args.timeout).unwrap_or_else(|e| fail(None, e))),
         Backend::Nccl => {
             let info = WorldInfo::from_env().unwrap_or_else(|e| fail(None, e));
-            let address = rendezvous::address_from_env();
-            Box::new(Nccl::init(&info, &address, args.timeout).unwrap_or_else(|e| fail(Some(info.rank), e)))
+            let rendezvous = rendezvous::Tcp::from_env();
+            Box::new(
+                Nccl::init(&info, &rendezvous, args.timeout).unwrap_or_else(|e| fail(Some(info.rank), e)),
+            )
         }
     };
     let rank = collective.rank();
