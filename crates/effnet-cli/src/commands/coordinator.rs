@@ -123,8 +123,11 @@ pub struct LogsArgs {
     json: bool,
 }
 
+/// One thread: the clients make one request each, and the coordinator's requests are short
+/// (a SQLite transaction of tens of microseconds), so a second worker thread would only cost
+/// wake-ups (docs/benchmarks.md: 1,000 workers heartbeating take a tenth of one core).
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
 }
 
 pub fn serve(args: CoordinatorArgs) -> Result<()> {
