@@ -301,3 +301,42 @@ fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
         serde_json::from_slice(&std::fs::read(job_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["epochs_completed"], 1);
 }
+
+/// With `distributed.max_restarts: 0` a killed worker fails the job: `effnet run` does not
+/// relaunch, names why on stderr and exits 1.
+#[test]
+fn a_job_without_restarts_left_fails_with_the_reason() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = write_job(dir.path(), data.path(), 2);
+    let job_dir = dir.path().join("job");
+    let child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["run", yaml.to_str().unwrap(), "--progress", "never", "--set", "distributed.max_restarts=0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = job_dir.join("checkpoints/step-00000008/COMMIT");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 8");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let workers = worker_processes(&job_dir.join("coordinator/token"));
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    assert!(Command::new("kill").args(["-KILL", &workers[0].to_string()]).status().unwrap().success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("effnet: job exactly-once-1 failed: generation 1 ended (the engine restarts it: the workers of generation 1 exited (")
+            && stderr.contains("after 0 restarts, the job's distributed.max_restarts"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restarting job"), "{stderr}");
+    assert_eq!(records(&job_dir, "start").len(), 1, "no second generation");
+}
