@@ -73,9 +73,18 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
     }
     let interval = Duration::from_secs_f64(joined.heartbeat_interval_s.clamp(0.05, 30.0));
 
-    // Wait for the generation to be complete.
+    // Wait for the generation to be complete (through a coordinator restart, too).
+    let waiting = Instant::now();
     let answer = loop {
-        let answer = runtime.block_on(client.heartbeat(job_id, &worker, &Progress::default()))?;
+        let answer = match runtime.block_on(client.heartbeat(job_id, &worker, &Progress::default())) {
+            Ok(answer) => answer,
+            Err(error) if !error.is_bad_input() && waiting.elapsed() < JOIN_PATIENCE => {
+                tracing::warn!(%error, "heartbeat failed while the generation forms; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         match answer.action {
             Action::Wait => std::thread::sleep(interval.min(Duration::from_millis(200))),
             Action::Train => break answer,
