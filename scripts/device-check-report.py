@@ -211,6 +211,17 @@ def report(facts_path, out_dir):
             text = f"{outcome}: {last_line(facts.get('nccl-train.err'))}"
         lines.append(f"| NCCL in training, world 1 (`effnet worker`, B0 batch 32) | {text} |")
         result["nccl_train"] = summary
+    nccl_coord = facts.get("nccl-coord.job_dir")
+    if nccl_coord:
+        outcome = phase_outcome(facts, "nccl-coord")
+        state = facts.get("nccl-coord.state", "unknown")
+        if outcome == "ok":
+            summary = effnet_summary(nccl_coord, 0)
+            text = f"ok: {summary['steps']} B0 steps, NCCL id through the coordinator, job {state}"
+            result["nccl_coordinator"] = summary
+        else:
+            text = f"{outcome}: {last_line(facts.get('nccl-coord.err'))}"
+        lines.append(f"| NCCL through the coordinator, world 1 (`effnet worker --coordinator`) | {text} |")
     if lists["bundled_library"]:
         lines.append(f"| libraries taken from the bundle (absent here) | {', '.join(lists['bundled_library'])} |")
     lines.append("")

@@ -387,6 +387,31 @@ if (( DATA_OK )) && (( ! REHEARSE )); then
     "$EFFNET" worker "$job" --progress never
 fi
 
+# (a, through the coordinator) The same NCCL world of 1, but joined through an `effnet
+# coordinator` on loopback: the NCCL unique id goes through the coordinator's rendezvous
+# (POST/GET .../rendezvous) instead of MASTER_ADDR:MASTER_PORT, and the job ends succeeded.
+if (( DATA_OK )) && (( ! REHEARSE )); then
+  job=$(write_job nccl-coord b0 32 4 "{workers: 1, backend: nccl, device: cuda}")
+  fact nccl-coord.job_dir "$WORK/runs/nccl-coord"
+  fact nccl-coord.err "$LOGS/nccl-coord.err"
+  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/coord.token"
+  "$EFFNET" coordinator --listen 127.0.0.1:$(( PORT + 2 )) --state-dir "$WORK/coord" \
+    --token-file "$WORK/coord.token" > "$LOGS/coordinator.out" 2> "$LOGS/coordinator.err" &
+  coord_pid=$!
+  sleep 2
+  coord="http://127.0.0.1:$(( PORT + 2 ))"
+  if job_id=$("$EFFNET" submit "$job" --coordinator "$coord" --token-file "$WORK/coord.token" 2>> "$LOGS/nccl-coord.err"); then
+    run_phase nccl-coord 120 40 env NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \
+      LOCAL_WORLD_SIZE=1 "$EFFNET" worker --coordinator "$coord" --job "$job_id" \
+      --token-file "$WORK/coord.token" --progress never
+    fact nccl-coord.state "$("$EFFNET" status "$job_id" --json --coordinator "$coord" \
+      --token-file "$WORK/coord.token" | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["state"])')"
+  else
+    fact nccl-coord.rc submit-failed
+  fi
+  kill "$coord_pid" 2> /dev/null; wait "$coord_pid" 2> /dev/null
+fi
+
 # ---------------------------------------------------------------------------------------------
 # (c) The largest B7 batch that fits: a few short runs. The first guess scales the B7 run's peak
 # memory to 92% of the card (an underestimate, since the peak includes the weights and optimiser

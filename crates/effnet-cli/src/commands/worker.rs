@@ -115,7 +115,15 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
             move || heartbeats(client, &job_id, &worker, &live, &done, interval)
         })
         .context("starting the heartbeat thread")?;
-    let launch = if joined.world_size > 1 { Launch::Worker } else { Launch::Single };
+    // A collective for several workers, or for one when the job names its backend (as
+    // `effnet worker JOB.yaml` does: a world of one over NCCL or MPI).
+    let named_backend =
+        matches!(spec.distributed.backend, Some(effnet_config::Backend::Nccl | effnet_config::Backend::Mpi));
+    let launch = if joined.world_size > 1 || (named_backend && engine_given) {
+        Launch::Worker
+    } else {
+        Launch::Single
+    };
     let rendezvous = CoordinatorRendezvous {
         url: url.to_string(),
         token: token.token()?,
