@@ -9,8 +9,9 @@
 //! waiting for the heartbeat timeout) and starts the next one, which resumes from the checkpoint
 //! the coordinator chose, until the job succeeds or has used `distributed.max_restarts`. Workers
 //! that exit 2 (bad input) are not relaunched. Started again on the same job directory (after a
-//! crash of the whole group), `effnet run` carries on with the coordinator's job when its spec
-//! is unchanged, counting a restart; `--fresh`, `--resume` or a changed spec submit a new job.
+//! crash of the whole group, or ctrl-c), `effnet run` submits a new coordinator job with a fresh
+//! restart budget (the previous one, still marked running, is cancelled) and training resumes
+//! from the job's newest committed checkpoint: a user's re-run is not one of the job's restarts.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -64,7 +65,7 @@ pub fn launch(job_file: &Path, args: &TrainArgs, spec: &JobSpec) -> Result<()> {
         let _ = stopped.await;
     }));
     let outcome = (|| {
-        let id = job_id(&runtime, &state, &state_dir, job_file, args, spec)?;
+        let id = job_id(&runtime, &state, &state_dir, job_file, spec)?;
         let launcher = Launcher { url, id, token_file, backend, workers: spec.distributed.workers as usize };
         launcher.generations(&runtime, &state, args)
     })();
@@ -73,35 +74,22 @@ pub fn launch(job_file: &Path, args: &TrainArgs, spec: &JobSpec) -> Result<()> {
     outcome
 }
 
-/// The coordinator job to train: the one this job directory's last `effnet run` submitted, when
-/// it is not over and has the same spec, else a new one.
+/// A new coordinator job for this run; the one this job directory's previous `effnet run`
+/// submitted is cancelled if it is still marked running (its launcher died with it).
 fn job_id(
     runtime: &tokio::runtime::Runtime,
     state: &State,
     state_dir: &Path,
     job_file: &Path,
-    args: &TrainArgs,
     spec: &JobSpec,
 ) -> Result<String> {
     let id_file = state_dir.join(JOB_ID_FILE);
-    let previous = std::fs::read_to_string(&id_file).ok().map(|id| id.trim().to_string());
-    let spec_json = serde_json::to_value(spec).context("the job spec as JSON")?;
-    if let Some(id) = previous
-        && let Ok(detail) = runtime.block_on(state.job(&id))
-        && !detail.summary.state.is_terminal()
+    if let Ok(previous) = std::fs::read_to_string(&id_file)
+        && let Ok(summary) = runtime.block_on(state.job(previous.trim())).map(|d| d.summary)
+        && !summary.state.is_terminal()
     {
-        if detail.spec == spec_json && !args.fresh && args.resume.is_none() {
-            let reason = "effnet run started again on the job directory".to_string();
-            let summary = runtime
-                .block_on(state.restart(&id, RestartRequest { reason: Some(reason), give_up: false }))?;
-            if summary.state.is_terminal() {
-                return Err(failed(&summary, None));
-            }
-            tracing::info!(job = %id, restarts = summary.restarts, "carrying on with the coordinator's job");
-            return Ok(id);
-        }
-        // Another spec, --fresh or --resume: the old job will not go on.
-        runtime.block_on(state.cancel(&id))?;
+        runtime.block_on(state.cancel(&summary.id))?;
+        tracing::info!(job = %summary.id, "cancelled the previous run's coordinator job");
     }
     // The spec as JSON (which is YAML), overrides applied: every worker trains exactly this.
     let yaml = serde_json::to_string_pretty(spec).context("the job spec as JSON")?;

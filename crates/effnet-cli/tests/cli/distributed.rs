@@ -188,6 +188,10 @@ fn two_ranks_killed_and_resumed_end_bitwise_equal() {
     // The newest committed checkpoint, also when the kill came between step 8's commit and rank
     // 0's report of it to the coordinator (which would say 6).
     assert!([8, 10].contains(&resumed_from), "resumed from {resumed_from}");
+    // The re-run submitted a new coordinator job (the killed run's is cancelled): a user's
+    // re-run does not use up the job's restarts.
+    let id = std::fs::read_to_string(resumed_dir.path().join("job/coordinator/job-id")).unwrap();
+    assert_eq!(id, "dp-test-2");
 
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(resumed_dir.path().join(format!("job/checkpoints/step-{resumed_from:08}/state.json")))
