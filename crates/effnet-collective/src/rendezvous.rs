@@ -11,6 +11,10 @@ use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"EFFNETRV";
 
+/// The most bytes a rendezvous carries (NCCL's unique id is 128): a peer's length field is
+/// checked against it before anything is allocated.
+pub const LIMIT: usize = 4096;
+
 /// Delivers rank 0's bytes to every rank of the world.
 pub trait Rendezvous: Send + Sync + std::fmt::Debug {
     /// Rank 0 passes `Some(bytes)` and returns them once every rank can have them (or has
@@ -148,14 +152,19 @@ fn fetch(address: &str, rank: usize, deadline: Instant) -> Result<Vec<u8>> {
                 if &header[..8] != MAGIC {
                     return Err(std::io::Error::other("not an effnet rendezvous"));
                 }
-                let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default()) as usize;
-                let mut bytes = vec![0u8; len];
+                let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
+                if len > LIMIT as u64 {
+                    return Err(std::io::Error::other(format!(
+                        "not an effnet rendezvous: it announces {len} bytes (at most {LIMIT})"
+                    )));
+                }
+                let mut bytes = vec![0u8; len as usize];
                 stream.read_exact(&mut bytes)?;
                 Ok(bytes)
             });
         match attempt {
             Ok(bytes) => return Ok(bytes),
-            Err(e) if e.to_string() == "not an effnet rendezvous" => {
+            Err(e) if e.to_string().starts_with("not an effnet rendezvous") => {
                 return Err(error(address, e.to_string()));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -202,5 +211,23 @@ mod tests {
             error.to_string(),
             format!("rendezvous at {address}: rank 1: rank 0 did not answer before the timeout")
         );
+    }
+
+    #[test]
+    fn a_peer_announcing_a_huge_blob_is_refused_before_allocating() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let liar = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 16];
+            stream.read_exact(&mut hello).unwrap();
+            let mut reply = MAGIC.to_vec();
+            reply.extend_from_slice(&(u64::MAX / 2).to_le_bytes());
+            stream.write_all(&reply).unwrap();
+        });
+        let error = share(&address, 1, 2, None, Duration::from_secs(10)).unwrap_err();
+        liar.join().unwrap();
+        let text = error.to_string();
+        assert!(text.contains("announces 9223372036854775807 bytes (at most 4096)"), "{text}");
     }
 }
