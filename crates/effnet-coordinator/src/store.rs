@@ -20,6 +20,9 @@ use crate::protocol::{
 /// The database file inside the state directory.
 pub const DATABASE_FILE: &str = "coordinator.sqlite3";
 
+/// The version of [`SCHEMA`], kept in the database's `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY,
@@ -113,7 +116,27 @@ impl Store {
         connection
             .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(database)?;
+        // A database of another schema would fail its requests one by one: refuse it here.
+        let version: i64 =
+            connection.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(database)?;
+        let tables: i64 = connection
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(database)?;
+        if tables > 0 && version != SCHEMA_VERSION {
+            return Err(Error::StateDir {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "{DATABASE_FILE} was written by another version of effnet (schema {version}; this one reads \
+                     {SCHEMA_VERSION}): start this coordinator with a new state directory"
+                )),
+            });
+        }
         connection.execute_batch(SCHEMA).map_err(database)?;
+        connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};")).map_err(database)?;
         // Every statement is prepared once and reused (`prepare_cached`): parsing SQL was a
         // sixth of a heartbeat's CPU time (docs/benchmarks.md).
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);

@@ -645,3 +645,26 @@ async fn settle() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// A state directory written by another schema is refused when the coordinator opens it, with
+/// what to do, instead of failing its requests later.
+#[tokio::test]
+async fn a_state_directory_of_another_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let old = rusqlite::Connection::open(dir.path().join(effnet_coordinator::DATABASE_FILE)).unwrap();
+        old.execute_batch("CREATE TABLE jobs (id TEXT); PRAGMA user_version = 1;").unwrap();
+    }
+    let error = State::open(dir.path(), TOKEN, Settings::default()).await.err().expect("refused");
+    let text = error.to_string();
+    assert!(
+        text.contains(
+            "coordinator.sqlite3 was written by another version of effnet (schema 1; this one reads 2)"
+        ),
+        "{text}"
+    );
+    // A new directory opens, and opens again.
+    let fresh = tempfile::tempdir().unwrap();
+    drop(State::open(fresh.path(), TOKEN, Settings::default()).await.unwrap());
+    State::open(fresh.path(), TOKEN, Settings::default()).await.unwrap();
+}
