@@ -2,8 +2,8 @@
 //! in this process on loopback, its state under `<job_dir>/coordinator/` (token file beside the
 //! database, mode 0600), the job submitted to it, and for each generation the workers as
 //! processes of this machine that join it (`effnet worker --coordinator URL --job ID`):
-//! `mpirun -n W` for MPI, or W processes with `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/
-//! `MASTER_PORT` for NCCL (the first to fail ends the others).
+//! `mpirun -n W` for MPI, or W processes with `RANK`/`WORLD_SIZE`/`LOCAL_RANK` for NCCL (the
+//! first to fail ends the others; NCCL's unique id goes through the coordinator's rendezvous).
 //!
 //! When a generation's workers fail, the launcher ends the generation at the coordinator (no
 //! waiting for the heartbeat timeout) and starts the next one, which resumes from the checkpoint
@@ -165,10 +165,6 @@ impl Launcher {
                 })
             }
             Backend::Nccl | Backend::Local => {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .context("choosing a rendezvous port")?
-                    .port();
                 let mut running = Vec::with_capacity(self.workers);
                 for rank in 0..self.workers {
                     let child = Command::new(&exe)
@@ -177,8 +173,6 @@ impl Launcher {
                         .env("WORLD_SIZE", self.workers.to_string())
                         .env("LOCAL_RANK", rank.to_string())
                         .env("LOCAL_WORLD_SIZE", self.workers.to_string())
-                        .env("MASTER_ADDR", "127.0.0.1")
-                        .env("MASTER_PORT", port.to_string())
                         .spawn()
                         .context("starting a worker")?;
                     running.push(child);

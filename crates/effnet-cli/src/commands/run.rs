@@ -2,8 +2,7 @@
 //! this process; with `distributed.workers: W > 1` the job is checked here, then handed to the
 //! local engine ([`super::local`]): a coordinator in this process and W worker processes per
 //! generation (`mpirun -n W effnet worker --coordinator ...` for MPI, or W processes with
-//! `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT` for NCCL), relaunched when a
-//! generation fails.
+//! `RANK`/`WORLD_SIZE`/`LOCAL_RANK` for NCCL), relaunched when a generation fails.
 //!
 //! `--set key.path=value` (repeatable) overrides a setting of the job file; the coordinator gets
 //! the overridden spec, so all ranks read the same one.
