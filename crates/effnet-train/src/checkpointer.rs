@@ -1,8 +1,8 @@
 //! The checkpoint manager: decides once where a run starts, and saves the [`Stateful`]
 //! components when a checkpoint is due, in the background, keeping the last and best k.
 //!
-//! Resume is decided by rank 0 alone (the newest committed checkpoint, `--resume URL`, or none)
-//! and its URL is broadcast; every rank then loads that same checkpoint (checksums verified), so
+//! Resume is decided by rank 0 alone (the newest committed checkpoint, at least the coordinator's
+//! for the generation when there is one; `--resume URL`; or none) and its URL is broadcast; every rank then loads that same checkpoint (checksums verified), so
 //! ranks can never start from different steps. A rank that cannot read it fails the job.
 
 use std::collections::HashMap;
