@@ -992,13 +992,7 @@ pub(crate) fn publish_rendezvous(
             member.rank
         )));
     }
-    let existing: Option<String> = query_row(
-        connection,
-        "SELECT rendezvous FROM generations WHERE job_id = ?1 AND number = ?2",
-        params![job_id, member.generation],
-        |row| row.get(0),
-    )?;
-    match existing {
+    match generation_rendezvous(connection, job_id, member.generation)? {
         Some(existing) if existing == blob => Ok(()),
         Some(_) => Err(Error::conflict(format!(
             "generation {}'s rendezvous is already published",
@@ -1018,10 +1012,14 @@ pub(crate) fn publish_rendezvous(
 /// The member's generation's rendezvous bytes (hex), `None` until rank 0 published them.
 pub(crate) fn rendezvous(connection: &Connection, job_id: &str, worker_id: &str) -> Result<Option<String>> {
     let member = rendezvous_member(connection, job_id, worker_id)?;
+    generation_rendezvous(connection, job_id, member.generation)
+}
+
+fn generation_rendezvous(connection: &Connection, job_id: &str, number: u32) -> Result<Option<String>> {
     Ok(query_row(
         connection,
         "SELECT rendezvous FROM generations WHERE job_id = ?1 AND number = ?2",
-        params![job_id, member.generation],
+        params![job_id, number],
         |row| row.get(0),
     )?)
 }

@@ -38,7 +38,8 @@ use crate::failure::{RESTART_EXIT, Restart, bad_input};
 const CHECKPOINT_POLL: Duration = Duration::from_millis(100);
 
 pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs) -> Result<()> {
-    let client = Client::new(url, &token.token()?)?;
+    let token = token.token()?;
+    let client = Client::new(url, &token)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -109,7 +110,7 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         .name("heartbeat".into())
         .spawn({
             // Its own client: pooled connections belong to the runtime that opened them.
-            let client = Client::new(url, &token.token()?)?;
+            let client = Client::new(url, &token)?;
             let (job_id, worker, live, done) =
                 (job_id.to_string(), worker.clone(), live.clone(), done.clone());
             move || heartbeats(client, &job_id, &worker, &live, &done, interval)
@@ -126,7 +127,7 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
     };
     let rendezvous = CoordinatorRendezvous {
         url: url.to_string(),
-        token: token.token()?,
+        token: token.clone(),
         job: job_id.to_string(),
         worker: worker.clone(),
     };
