@@ -225,7 +225,7 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
     use crate::exactly_once::{
         assert_exactly_once, corrupt_keys, s3_data, skipped_keys_up_to, write_job_reading,
     };
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let server = s3_data();
     let dir = tempfile::tempdir().unwrap();
@@ -241,29 +241,8 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
     assert_eq!(submitted.code, 0, "{}", submitted.stderr);
     let id = submitted.stdout.trim().to_string();
 
-    let mut mpirun = Command::new("mpirun");
-    mpirun.args(["-n", "2", "--bind-to", "none", "--oversubscribe"]);
-    if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
-    {
-        mpirun.arg("--allow-run-as-root");
-    }
-    let workers = mpirun
-        .arg(env!("CARGO_BIN_EXE_effnet"))
-        .args(["worker", "--coordinator", &coordinator.url, "--job", &id, "--progress", "never"])
-        .arg("--token-file")
-        .arg(&token_file)
-        .envs(server.env_vars())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let marker = job_dir.join("checkpoints/step-00000016/COMMIT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "no checkpoint at step 16");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut workers = mpi_workers(2, &coordinator, &id, &token_file, &server.env_vars());
+    crate::common::wait_for_commit(&mut workers, &job_dir.join("checkpoints"), 16);
     let url = coordinator.url.clone();
     drop(coordinator); // SIGKILL
     std::thread::sleep(Duration::from_millis(1500));
@@ -299,8 +278,14 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
     coordinator.terminate();
 }
 
-/// `mpirun -n W effnet worker --coordinator URL --job ID ...`, its output piped.
-fn mpi_workers(workers: u32, coordinator: &Coordinator, id: &str, token_file: &Path) -> Child {
+/// `mpirun -n W effnet worker --coordinator URL --job ID ...` with `envs` set, its output piped.
+fn mpi_workers(
+    workers: u32,
+    coordinator: &Coordinator,
+    id: &str,
+    token_file: &Path,
+    envs: &std::collections::BTreeMap<String, String>,
+) -> Child {
     let mut mpirun = Command::new("mpirun");
     mpirun.args(["-n", &workers.to_string(), "--bind-to", "none", "--oversubscribe"]);
     if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
@@ -312,6 +297,7 @@ fn mpi_workers(workers: u32, coordinator: &Coordinator, id: &str, token_file: &P
         .args(["worker", "--coordinator", &coordinator.url, "--job", id, "--progress", "never"])
         .arg("--token-file")
         .arg(token_file)
+        .envs(envs)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -326,10 +312,8 @@ fn mpi_workers(workers: u32, coordinator: &Coordinator, id: &str, token_file: &P
 /// two ranks, and finish: every good sample of the epoch trained exactly once.
 #[test]
 fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
-    use crate::exactly_once::{
-        assert_exactly_once, corrupt_keys, data_dir, records, skipped_keys_up_to, write_job_reading,
-    };
-    use std::time::{Duration, Instant};
+    use crate::exactly_once::{assert_resumed_epoch_exactly_once, data_dir, records, write_job_reading};
+    use std::time::Duration;
 
     let data = data_dir();
     let dir = tempfile::tempdir().unwrap();
@@ -345,13 +329,8 @@ fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
     assert_eq!(submitted.code, 0, "{}", submitted.stderr);
     let id = submitted.stdout.trim().to_string();
 
-    let three = mpi_workers(3, &coordinator, &id, &token_file);
-    let marker = job_dir.join("checkpoints/step-00000016/COMMIT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "no checkpoint at step 16");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut three = mpi_workers(3, &coordinator, &id, &token_file, &Default::default());
+    crate::common::wait_for_commit(&mut three, &job_dir.join("checkpoints"), 16);
     std::thread::sleep(Duration::from_millis(500));
     let workers = crate::common::worker_processes(&token_file);
     assert_eq!(workers.len(), 3, "{workers:?}");
@@ -359,7 +338,7 @@ fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
     let first = three.wait_with_output().unwrap();
     assert_ne!(first.status.code(), Some(0), "mpirun fails when a rank is killed");
 
-    let two = mpi_workers(2, &coordinator, &id, &token_file).wait_with_output().unwrap();
+    let two = mpi_workers(2, &coordinator, &id, &token_file, &Default::default()).wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&two.stderr);
     assert_eq!(two.status.code(), Some(0), "{stderr}");
     let status = client(&coordinator, &token_file, &["status", &id, "--json"]);
@@ -378,13 +357,7 @@ fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
     assert_eq!((starts[1]["world_size"].as_u64(), starts[1]["redealt"].as_bool()), (Some(2), Some(true)));
     let resumed_step = starts[1]["step"].as_u64().unwrap();
     assert!(resumed_step >= 16, "resumed at step {resumed_step}");
-    let trained: Vec<String> = crate::common::sample_lines(&job_dir)
-        .into_iter()
-        .filter(|(attempt, step, _, _)| *attempt == 2 || *step < resumed_step)
-        .flat_map(|l| l.3)
-        .collect();
-    assert_exactly_once(&trained);
-    assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
+    assert_resumed_epoch_exactly_once(&job_dir, resumed_step);
     coordinator.terminate();
 }
 

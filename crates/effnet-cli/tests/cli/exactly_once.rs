@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use crate::common::{
     effnet, run_and_kill_after, sample_lines, synthetic_dataset_at, synthetic_dataset_with_corrupt,
-    worker_processes,
+    wait_for_commit, worker_processes,
 };
 
 /// 1,006 samples in row groups of 16 (62 of 16 and one of 14), 3 of them corrupt: 1,003 good.
@@ -188,19 +188,26 @@ fn killed_at_two_and_resumed_at(resumed_workers: u32) {
     assert_eq!(starts[1]["redealt"], true, "{}", starts[1]);
     assert_eq!(starts[1]["world_size"], resumed_workers);
 
-    let lines = sample_lines(&job_dir);
-    let resumed_ranks: BTreeSet<u64> = lines.iter().filter(|l| l.0 == 2).map(|l| l.2).collect();
+    let resumed_ranks: BTreeSet<u64> =
+        sample_lines(&job_dir).iter().filter(|l| l.0 == 2).map(|l| l.2).collect();
     assert_eq!(resumed_ranks, (0..resumed_workers as u64).collect());
-    let trained: Vec<String> = lines
+    assert_resumed_epoch_exactly_once(&job_dir, resumed_step);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["epochs_completed"], 1);
+}
+
+/// An epoch interrupted and resumed at `resumed_step` (attempt 2): the first attempt's keys up
+/// to that step and all of the second's are every good sample once, and its skipped samples are
+/// the corrupt ones.
+pub(crate) fn assert_resumed_epoch_exactly_once(job_dir: &Path, resumed_step: u64) {
+    let trained: Vec<String> = sample_lines(job_dir)
         .into_iter()
         .filter(|(attempt, step, _, _)| *attempt == 2 || *step < resumed_step)
         .flat_map(|l| l.3)
         .collect();
     assert_exactly_once(&trained);
-    assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job_dir.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["epochs_completed"], 1);
+    assert_eq!(skipped_keys_up_to(job_dir, resumed_step), corrupt_keys());
 }
 
 /// Skipped samples of the first attempt up to `resumed_step` and all of the second.
@@ -246,13 +253,13 @@ pub(crate) fn s3_data() -> effnet_store::testing::S3TestServer {
 #[test]
 fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
     use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let server = s3_data();
     let dir = tempfile::tempdir().unwrap();
     let yaml = write_job_reading(dir.path(), &server.url("train"), 2);
     let job_dir = dir.path().join("job");
-    let child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
         .args(["run", yaml.to_str().unwrap(), "--progress", "never"])
         .envs(server.env_vars())
         .env("RUST_LOG", "warn")
@@ -260,12 +267,7 @@ fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let marker = job_dir.join("checkpoints/step-00000016/COMMIT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "no checkpoint at step 16");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_commit(&mut child, &job_dir.join("checkpoints"), 16);
     // Time for rank 0's heartbeat to report the checkpoint (it is sent when committed).
     std::thread::sleep(Duration::from_millis(500));
     let workers = worker_processes(&job_dir.join("coordinator/token"));
@@ -289,14 +291,7 @@ fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
         starts[1]["resumed_from"].as_str().unwrap(),
         format!("{}/step-{resumed_step:08}", job_dir.join("checkpoints").display()),
     );
-    let lines = sample_lines(&job_dir);
-    let trained: Vec<String> = lines
-        .into_iter()
-        .filter(|(attempt, step, _, _)| *attempt == 2 || *step < resumed_step)
-        .flat_map(|l| l.3)
-        .collect();
-    assert_exactly_once(&trained);
-    assert_eq!(skipped_keys_up_to(&job_dir, resumed_step), corrupt_keys());
+    assert_resumed_epoch_exactly_once(&job_dir, resumed_step);
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(job_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["epochs_completed"], 1);
@@ -307,25 +302,19 @@ fn a_worker_killed_mid_epoch_is_relaunched_and_the_epoch_is_exactly_once() {
 #[test]
 fn a_job_without_restarts_left_fails_with_the_reason() {
     use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
 
     let data = data_dir();
     let dir = tempfile::tempdir().unwrap();
     let yaml = write_job(dir.path(), data.path(), 2);
     let job_dir = dir.path().join("job");
-    let child = Command::new(env!("CARGO_BIN_EXE_effnet"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
         .args(["run", yaml.to_str().unwrap(), "--progress", "never", "--set", "distributed.max_restarts=0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let marker = job_dir.join("checkpoints/step-00000008/COMMIT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "no checkpoint at step 8");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_commit(&mut child, &job_dir.join("checkpoints"), 8);
     let workers = worker_processes(&job_dir.join("coordinator/token"));
     assert_eq!(workers.len(), 2, "{workers:?}");
     assert!(Command::new("kill").args(["-KILL", &workers[0].to_string()]).status().unwrap().success());

@@ -8,7 +8,7 @@ use crate::common::browser;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::{assert_bad_input, effnet, synthetic_dataset};
 use effnet_report::format::{count, percent};
@@ -71,13 +71,7 @@ fn train_interrupted(yaml: &Path, job_dir: &Path) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let marker = job_dir.join("checkpoints/step-00000004/COMMIT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(Instant::now() < deadline, "no checkpoint at step 4");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    crate::common::wait_for_commit(&mut child, &job_dir.join("checkpoints"), 4);
     // Let it train a little past the checkpoint, so the resumed run redoes steps.
     std::thread::sleep(Duration::from_millis(400));
     child.kill().unwrap();

@@ -6,7 +6,6 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::common::{assert_bad_input, effnet, effnet_with_env, synthetic_dataset, workspace_root};
 
@@ -119,13 +118,7 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let marker = interrupted.checkpoints().join("step-00000008/COMMIT");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(Instant::now() < deadline, "no checkpoint at step 8");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    crate::common::wait_for_commit(&mut child, &interrupted.checkpoints(), 8);
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert!(status.code().is_none(), "killed by a signal, not exited: {status:?}");

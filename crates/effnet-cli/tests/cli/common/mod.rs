@@ -191,13 +191,7 @@ pub fn run_and_kill_after(yaml: &Path, checkpoints: &Path, step: u64) {
         .process_group(0)
         .spawn()
         .unwrap();
-    let marker = checkpoints.join(format!("step-{step:08}/COMMIT"));
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(Instant::now() < deadline, "no checkpoint at step {step}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_commit(&mut child, checkpoints, step);
     let group = format!("-{}", child.id());
     let killed = Command::new("kill").args(["-KILL", "--", &group]).status().unwrap();
     assert!(killed.success());
@@ -239,4 +233,16 @@ pub fn worker_processes(token_file: &Path) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// Wait (up to 5 minutes) until the checkpoint of `step` under `checkpoints` is committed, while
+/// `child` (the run, or the mpirun of its workers) is still running.
+pub fn wait_for_commit(child: &mut std::process::Child, checkpoints: &Path, step: u64) {
+    let marker = checkpoints.join(format!("step-{step:08}/COMMIT"));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(Instant::now() < deadline, "no checkpoint at step {step}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
