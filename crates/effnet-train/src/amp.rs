@@ -89,6 +89,7 @@ mod tests {
 
     #[test]
     fn cpu_autocast_computes_convolutions_in_bf16() {
+        let _generator = crate::global_generator();
         let input = Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu));
         let weight = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu));
         assert!(!is_autocast_bf16(Device::Cpu));
@@ -111,6 +112,7 @@ mod tests {
 
     #[test]
     fn channels_last_keeps_values() {
+        let _generator = crate::global_generator();
         let tensor = Tensor::randn([2, 3, 4, 5], (Kind::Float, Device::Cpu));
         assert!(!is_channels_last(&tensor));
         let converted = channels_last(&tensor).unwrap();

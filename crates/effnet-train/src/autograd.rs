@@ -304,6 +304,7 @@ mod tests {
 
     #[test]
     fn checkpoint_gives_the_plain_gradients_and_replays_random_draws() {
+        let _generator = crate::global_generator();
         let weight = Tensor::randn([4, 4], (Kind::Float, Device::Cpu)).requires_grad_(true);
         let input = Tensor::randn([3, 4], (Kind::Float, Device::Cpu)).requires_grad_(true);
         let block = {
@@ -340,6 +341,7 @@ mod tests {
 
     #[test]
     fn checkpoint_reruns_under_the_forwards_autocast() {
+        let _generator = crate::global_generator();
         let weight = Tensor::randn([8, 4, 3, 3], (Kind::Float, Device::Cpu)).requires_grad_(true);
         let input = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu)).requires_grad_(true);
         let conv = {

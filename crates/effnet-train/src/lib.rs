@@ -42,5 +42,14 @@ pub mod tensors;
 pub mod trainer;
 
 pub use error::{Error, Result};
+
+/// libtorch's global random generator is one per process and unit tests run on parallel
+/// threads: a test that seeds it and compares draws holds this lock, and so does every test that
+/// draws from it (`Tensor::randn`), so no draw lands between another test's seed and its draws.
+#[cfg(test)]
+pub(crate) fn global_generator() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 pub use job::{RunPlan, check};
 pub use trainer::{Launch, ResumeFrom, RunOptions, RunSummary, run};

@@ -157,6 +157,7 @@ mod tests {
 
     #[test]
     fn round_trip_is_bitwise() {
+        let _generator = crate::global_generator();
         let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
         let b = Tensor::from_slice(&[1i64, -7, 9]);
         let bytes =
