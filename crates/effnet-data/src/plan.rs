@@ -89,6 +89,32 @@ impl EpochPlan {
         self.ranks.iter().map(RankWork::samples).sum()
     }
 
+    /// Check that this plan deals every row of `row_groups` exactly once, to `world_size` ranks:
+    /// what a worker verifies of a plan it did not compute (a coordinator's).
+    pub fn check_covers(&self, row_groups: &[RowGroupRef], world_size: usize) -> Result<()> {
+        let invalid = |reason: String| Error::InvalidPlan { reason };
+        if self.world_size() != world_size {
+            return Err(invalid(format!(
+                "a plan for {} ranks, this run has {world_size}",
+                self.world_size()
+            )));
+        }
+        if self.ranks.iter().any(|rank| !rank.pending.is_empty()) {
+            return Err(invalid("a fresh epoch's plan with pending samples".into()));
+        }
+        let whole: Vec<WorkUnit> =
+            row_groups.iter().map(|g| WorkUnit { row_group: g.id, start: 0, end: g.rows }).collect();
+        let rows: u64 = whole.iter().map(|u| u.rows() as u64).sum();
+        let dealt = merged(self.ranks.iter().flat_map(|r| r.units.iter().copied()), std::iter::empty());
+        if self.samples() != rows || dealt != merged(whole, std::iter::empty()) {
+            return Err(invalid(format!(
+                "epoch {}'s plan does not deal every row of the dataset exactly once",
+                self.epoch
+            )));
+        }
+        Ok(())
+    }
+
     /// Seed of rank `rank`'s shuffle buffer in this plan.
     pub fn shuffle_seed(&self, rank: usize) -> u64 {
         mix_seed(&[self.seed, self.epoch, self.generation as u64, rank as u64])
@@ -183,6 +209,19 @@ impl DataCursor {
             .sum()
     }
 
+    /// The samples not yet emitted by any rank, as sorted, merged row ranges; `None` when some
+    /// sample is there twice. Two cursors with equal ranges hold the same rest of the epoch,
+    /// however it is dealt.
+    pub fn remaining_rows(&self) -> Option<Vec<WorkUnit>> {
+        let units = self.plan.ranks.iter().zip(&self.ranks).flat_map(|(work, cursor)| {
+            work.units[cursor.units_consumed.min(work.units.len())..].iter().copied()
+        });
+        let samples = self.ranks.iter().flat_map(|cursor| cursor.buffered.iter().copied());
+        let rows = merged(units, samples);
+        let total: u64 = rows.iter().map(|u| u.rows() as u64).sum();
+        (total == self.remaining()).then_some(rows)
+    }
+
     /// Validate the cursor against its plan (a cursor from another dataset or a corrupt file).
     pub fn validate(&self) -> Result<()> {
         if self.ranks.len() != self.plan.ranks.len() {
@@ -234,6 +273,30 @@ impl DataCursor {
         let cursors = initial_cursors(&plan);
         Ok((plan, cursors))
     }
+}
+
+/// Units and single samples as sorted row ranges, adjacent and overlapping ones merged (so
+/// overlaps shrink the total: callers compare it with the count they expect).
+fn merged(
+    units: impl IntoIterator<Item = WorkUnit>,
+    samples: impl IntoIterator<Item = SampleRef>,
+) -> Vec<WorkUnit> {
+    let mut all: Vec<WorkUnit> = units
+        .into_iter()
+        .chain(samples.into_iter().map(|s| WorkUnit { row_group: s.row_group, start: s.row, end: s.row + 1 }))
+        .filter(|u| u.end > u.start)
+        .collect();
+    all.sort_by_key(|u| (u.row_group, u.start, u.end));
+    let mut out: Vec<WorkUnit> = Vec::with_capacity(all.len());
+    for unit in all {
+        match out.last_mut() {
+            Some(last) if last.row_group == unit.row_group && unit.start <= last.end => {
+                last.end = last.end.max(unit.end)
+            }
+            _ => out.push(unit),
+        }
+    }
+    out
 }
 
 /// A bounded shuffle buffer over sample references with its own generator: fill with the
@@ -375,6 +438,49 @@ mod tests {
             let counts: Vec<usize> = plan.ranks.iter().map(|r| r.units.len()).collect();
             assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn a_plan_dealt_elsewhere_is_checked_to_cover_the_dataset_once() {
+        let groups = dataset(2, 3, 20);
+        let plan = EpochPlan::new(5, 1, &groups, 3).unwrap();
+        plan.check_covers(&groups, 3).unwrap();
+        let err = plan.check_covers(&groups, 2).unwrap_err();
+        assert!(err.to_string().contains("a plan for 3 ranks, this run has 2"), "{err}");
+        // A row group dealt twice, one missing, or a cut-short unit: refused.
+        let mut twice = plan.clone();
+        twice.ranks[0].units[0] = twice.ranks[1].units[0];
+        assert!(twice.check_covers(&groups, 3).is_err());
+        let mut short = plan.clone();
+        short.ranks[2].units[0].end -= 1;
+        let err = short.check_covers(&groups, 3).unwrap_err();
+        assert!(err.to_string().contains("epoch 1's plan does not deal every row"), "{err}");
+    }
+
+    #[test]
+    fn remaining_rows_are_the_same_however_the_rest_is_dealt() {
+        let groups = dataset(3, 4, 30);
+        let plan = EpochPlan::new(9, 0, &groups, 2).unwrap();
+        let cursors: Vec<RankCursor> = plan
+            .ranks
+            .iter()
+            .zip(initial_cursors(&plan))
+            .map(|(work, cursor)| simulate_rank(work, &cursor, 25, Some(41)).1)
+            .collect();
+        let saved = DataCursor { plan: plan.clone(), ranks: cursors };
+        let rows = saved.remaining_rows().unwrap();
+        assert_eq!(rows.iter().map(|u| u.rows() as u64).sum::<u64>(), saved.remaining());
+        let total: u64 = groups.iter().map(|g| g.rows as u64).sum();
+        assert_eq!(saved.remaining(), total - 2 * 41);
+        for world in 1..=5 {
+            let (plan, ranks) = saved.resume(world).unwrap();
+            assert_eq!(DataCursor { plan, ranks }.remaining_rows().unwrap(), rows, "world {world}");
+        }
+        // A buffered sample that is also in a unit still to read: counted twice, refused.
+        let mut doubled = saved.clone();
+        let unit = doubled.plan.ranks[0].units[doubled.ranks[0].units_consumed];
+        doubled.ranks[1].buffered.push(SampleRef { row_group: unit.row_group, row: unit.start });
+        assert_eq!(doubled.remaining_rows(), None);
     }
 
     #[test]

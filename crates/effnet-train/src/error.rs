@@ -58,4 +58,15 @@ impl Error {
     }
 }
 
+impl From<effnet_checkpoint::Error> for Error {
+    fn from(error: effnet_checkpoint::Error) -> Error {
+        match error {
+            effnet_checkpoint::Error::BadCheckpoint { url, reason } => Error::BadCheckpoint { url, reason },
+            effnet_checkpoint::Error::Io { path, source } => Error::Io { path, source },
+            effnet_checkpoint::Error::Store(error) => Error::Store(error),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -14,7 +14,7 @@
 //!   as functions of the position; [`checkpointer`]: the resume point (decided once, by rank 0)
 //!   and background saves; [`evaluate`]: top-1/top-5/loss/confusion of a model, the trainer's
 //!   evaluations and `effnet eval`.
-//! - Below them: [`checkpoint`] (`step-NNNNNNNN/` + `COMMIT` in any store), [`state`]
+//! - Below them: [`checkpoint`] (`step-NNNNNNNN/` + `COMMIT` in any store; the libtorch-free `effnet-checkpoint` crate), [`state`]
 //!   (`state.json`), [`tensors`] (safetensors, batch tensors), [`amp`] (bf16 autocast and
 //!   channels_last through a small C++ shim), [`autograd`] (autograd functions calling back
 //!   into Rust, post-accumulate-grad hooks, CUDA memory, from the same shim), [`sync`] (collectives on tensors), [`metrics`]
@@ -22,7 +22,7 @@
 
 pub mod amp;
 pub mod autograd;
-pub mod checkpoint;
+pub use effnet_checkpoint as checkpoint;
 pub mod checkpointer;
 pub mod ema;
 pub mod error;

@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::evaluate::EvalMetrics;
 
-pub const STATE_FILE: &str = "state.json";
+pub use effnet_checkpoint::STATE_FILE;
 pub const STATE_FORMAT: u32 = 1;
 
 /// A component whose state goes into checkpoints.

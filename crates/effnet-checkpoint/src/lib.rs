@@ -7,6 +7,12 @@
 //! committed one whose files do not match their checksums is skipped (with a warning) in favour
 //! of the previous one. Purging deletes `COMMIT` first, so a half-deleted checkpoint is never
 //! mistaken for a whole one.
+//!
+//! No libtorch here: the trainer saves and loads through this crate, and the coordinator reads a
+//! checkpoint's `state.json` ([`CheckpointStore::newest_state`]) to deal the rest of an epoch
+//! without downloading the weights.
+
+mod error;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -16,12 +22,13 @@ use effnet_store::{COMMIT_MARKER, StoreLocation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+pub use crate::error::{Error, Result};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
-pub use crate::state::STATE_FILE;
+/// The JSON object of the components' state (step, data cursor, ...), one key per component.
+pub const STATE_FILE: &str = "state.json";
 pub const COMMIT_FORMAT: u32 = 1;
 
 /// The directory name of the checkpoint taken after `step` optimiser steps.
@@ -67,7 +74,7 @@ pub struct SaveStats {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    effnet_data::manifest::hex(&Sha256::digest(bytes))
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checkpoints under one URL.
@@ -115,10 +122,10 @@ impl CheckpointStore {
         Ok(SaveStats { step, bytes: total, seconds: started.elapsed().as_secs_f64() })
     }
 
-    /// Step directories present (committed or not), ascending.
-    async fn directories(&self) -> Result<BTreeMap<u64, Vec<object_store::path::Path>>> {
+    /// Step directories present (committed or not), ascending, with their objects.
+    async fn directories(&self) -> Result<BTreeMap<u64, Vec<object_store::ObjectMeta>>> {
         let root = self.location.path("")?;
-        let mut found: BTreeMap<u64, Vec<object_store::path::Path>> = BTreeMap::new();
+        let mut found: BTreeMap<u64, Vec<object_store::ObjectMeta>> = BTreeMap::new();
         for object in effnet_store::list_prefix(self.location.store.as_ref(), &root).await? {
             let relative: Vec<_> =
                 object.location.prefix_match(&root).map(|parts| parts.collect()).unwrap_or_default();
@@ -126,7 +133,7 @@ impl CheckpointStore {
                 continue;
             }
             if let Some(step) = parse_directory_name(relative[0].as_ref()) {
-                found.entry(step).or_default().push(object.location.clone());
+                found.entry(step).or_default().push(object.clone());
             }
         }
         Ok(found)
@@ -136,7 +143,7 @@ impl CheckpointStore {
     pub async fn committed(&self) -> Result<Vec<Committed>> {
         let mut out = Vec::new();
         for (step, objects) in self.directories().await? {
-            if !objects.iter().any(|p| p.filename() == Some(COMMIT_MARKER)) {
+            if !objects.iter().any(|o| o.location.filename() == Some(COMMIT_MARKER)) {
                 continue;
             }
             let marker_path = self.location.path(&format!("{}/{COMMIT_MARKER}", directory_name(step)))?;
@@ -176,6 +183,59 @@ impl CheckpointStore {
         Ok(None)
     }
 
+    /// The newest committed checkpoint whose files are all present at their committed sizes, with
+    /// its `state.json` verified against its checksum, without reading the other files (the
+    /// weights of a large model are gigabytes). Newer ones that fail these checks are reported
+    /// and skipped, as [`CheckpointStore::latest`] does; a file damaged at its committed size is
+    /// only found when it is loaded.
+    pub async fn newest_state(&self) -> Result<Option<(Committed, Bytes)>> {
+        let directories = self.directories().await?;
+        for checkpoint in self.committed().await?.into_iter().rev() {
+            let objects = directories.get(&checkpoint.step).map(Vec::as_slice).unwrap_or_default();
+            let size_of =
+                |name: &str| objects.iter().find(|o| o.location.filename() == Some(name)).map(|o| o.size);
+            let mismatch = checkpoint.commit.files.iter().find_map(|(name, digest)| match size_of(name) {
+                None => Some(format!("{name} is missing")),
+                Some(size) if size != digest.bytes => {
+                    Some(format!("{name} is {size} bytes, {} in {COMMIT_MARKER}", digest.bytes))
+                }
+                Some(_) => None,
+            });
+            let state = match mismatch {
+                Some(reason) => Err(Error::BadCheckpoint { url: checkpoint.url.clone(), reason }),
+                None => self.read_verified(&checkpoint, STATE_FILE).await,
+            };
+            match state {
+                Ok(state) => return Ok(Some((checkpoint, state))),
+                Err(Error::BadCheckpoint { url, reason }) => {
+                    tracing::warn!(%url, %reason, "skipping a damaged checkpoint; trying the previous one")
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(None)
+    }
+
+    /// One file of a committed checkpoint, verified against its `COMMIT`.
+    async fn read_verified(&self, checkpoint: &Committed, name: &str) -> Result<Bytes> {
+        let bad = |reason: String| Error::BadCheckpoint { url: checkpoint.url.clone(), reason };
+        let digest = checkpoint
+            .commit
+            .files
+            .get(name)
+            .ok_or_else(|| bad(format!("{COMMIT_MARKER} lists no {name}")))?;
+        let path = self.location.path(&format!("{}/{name}", directory_name(checkpoint.step)))?;
+        let content = match effnet_store::get_bytes(self.location.store.as_ref(), &path).await {
+            Ok(content) => content,
+            Err(effnet_store::Error::NotFound { .. }) => return Err(bad(format!("{name} is missing"))),
+            Err(other) => return Err(other.into()),
+        };
+        if content.len() as u64 != digest.bytes || sha256_hex(&content) != digest.sha256 {
+            return Err(bad(format!("{name} does not match the checksum in {COMMIT_MARKER}")));
+        }
+        Ok(content)
+    }
+
     /// Keep the newest `keep_last` and the `keep_best` with the highest metric; delete the other
     /// committed checkpoints and uncommitted directories older than the newest commit (leftovers
     /// of interrupted saves). Returns the steps deleted.
@@ -201,9 +261,9 @@ impl CheckpointStore {
                 continue;
             }
             // COMMIT first: from that moment the directory no longer counts as a checkpoint.
-            objects.sort_by_key(|p| p.filename() != Some(COMMIT_MARKER));
+            objects.sort_by_key(|o| o.location.filename() != Some(COMMIT_MARKER));
             for object in objects {
-                effnet_store::delete(store, &object).await?;
+                effnet_store::delete(store, &object.location).await?;
             }
             deleted.push(step);
         }

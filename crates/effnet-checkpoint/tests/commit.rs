@@ -3,8 +3,8 @@
 //! previous checkpoint, and purging keeps the last k and the best k.
 
 use bytes::Bytes;
+use effnet_checkpoint::{CheckpointStore, directory_name};
 use effnet_store::testing::S3TestServer;
-use effnet_train::checkpoint::{CheckpointStore, directory_name};
 
 fn files(step: u64) -> Vec<(String, Bytes)> {
     vec![
@@ -115,8 +115,7 @@ async fn loading_an_uncommitted_directory_by_url_fails_clearly() {
     let url = dir.path().display().to_string();
     let store = CheckpointStore::new(effnet_store::open(&url).unwrap());
     put(&store, &format!("{}/model.safetensors", directory_name(3)), vec![1u8; 10]).await;
-    let error =
-        effnet_train::checkpoint::load_url(&format!("{url}/{}", directory_name(3))).await.unwrap_err();
+    let error = effnet_checkpoint::load_url(&format!("{url}/{}", directory_name(3))).await.unwrap_err();
     assert!(error.is_bad_input());
     let message = error.to_string();
     assert!(message.contains("no COMMIT marker"), "{message}");
