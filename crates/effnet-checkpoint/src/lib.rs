@@ -203,7 +203,11 @@ impl CheckpointStore {
             });
             let state = match mismatch {
                 Some(reason) => Err(Error::BadCheckpoint { url: checkpoint.url.clone(), reason }),
-                None => self.read_verified(&checkpoint, STATE_FILE).await,
+                None => {
+                    let path = format!("{}/{STATE_FILE}", directory_name(checkpoint.step));
+                    read_verified(&self.location, &path, STATE_FILE, &checkpoint.commit, &checkpoint.url)
+                        .await
+                }
             };
             match state {
                 Ok(state) => return Ok(Some((checkpoint, state))),
@@ -214,26 +218,6 @@ impl CheckpointStore {
             }
         }
         Ok(None)
-    }
-
-    /// One file of a committed checkpoint, verified against its `COMMIT`.
-    async fn read_verified(&self, checkpoint: &Committed, name: &str) -> Result<Bytes> {
-        let bad = |reason: String| Error::BadCheckpoint { url: checkpoint.url.clone(), reason };
-        let digest = checkpoint
-            .commit
-            .files
-            .get(name)
-            .ok_or_else(|| bad(format!("{COMMIT_MARKER} lists no {name}")))?;
-        let path = self.location.path(&format!("{}/{name}", directory_name(checkpoint.step)))?;
-        let content = match effnet_store::get_bytes(self.location.store.as_ref(), &path).await {
-            Ok(content) => content,
-            Err(effnet_store::Error::NotFound { .. }) => return Err(bad(format!("{name} is missing"))),
-            Err(other) => return Err(other.into()),
-        };
-        if content.len() as u64 != digest.bytes || sha256_hex(&content) != digest.sha256 {
-            return Err(bad(format!("{name} does not match the checksum in {COMMIT_MARKER}")));
-        }
-        Ok(content)
     }
 
     /// Keep the newest `keep_last` and the `keep_best` with the highest metric; delete the other
@@ -271,6 +255,28 @@ impl CheckpointStore {
     }
 }
 
+/// The file `name` of a committed checkpoint (at `path` under `location`), verified against its
+/// `COMMIT`.
+async fn read_verified(
+    location: &StoreLocation,
+    path: &str,
+    name: &str,
+    commit: &Commit,
+    url: &str,
+) -> Result<Bytes> {
+    let bad = |reason: String| Error::BadCheckpoint { url: url.to_string(), reason };
+    let digest = commit.files.get(name).ok_or_else(|| bad(format!("{COMMIT_MARKER} lists no {name}")))?;
+    let content = match effnet_store::get_bytes(location.store.as_ref(), &location.path(path)?).await {
+        Ok(content) => content,
+        Err(effnet_store::Error::NotFound { .. }) => return Err(bad(format!("{name} is missing"))),
+        Err(other) => return Err(other.into()),
+    };
+    if content.len() as u64 != digest.bytes || sha256_hex(&content) != digest.sha256 {
+        return Err(bad(format!("{name} does not match the checksum in {COMMIT_MARKER}")));
+    }
+    Ok(content)
+}
+
 /// Load the files of the checkpoint directory `directory` (relative to `location`; empty when
 /// the location is the directory itself) and verify them against its `COMMIT`.
 pub async fn load_directory(
@@ -289,15 +295,8 @@ pub async fn load_directory(
     let commit: Commit =
         serde_json::from_slice(&marker).map_err(|e| bad(format!("unreadable {COMMIT_MARKER}: {e}")))?;
     let mut files = HashMap::new();
-    for (name, digest) in &commit.files {
-        let content = match effnet_store::get_bytes(store, &location.path(&join(name))?).await {
-            Ok(content) => content,
-            Err(effnet_store::Error::NotFound { .. }) => return Err(bad(format!("{name} is missing"))),
-            Err(other) => return Err(other.into()),
-        };
-        if content.len() as u64 != digest.bytes || sha256_hex(&content) != digest.sha256 {
-            return Err(bad(format!("{name} does not match the checksum in {COMMIT_MARKER}")));
-        }
+    for name in commit.files.keys() {
+        let content = read_verified(location, &join(name), name, &commit, url).await?;
         files.insert(name.clone(), content);
     }
     Ok((commit, files))
@@ -319,6 +318,27 @@ fn local_directory_exists(url: &str) -> Result<bool> {
     }
     let here = std::env::current_dir().map_err(|source| Error::Io { path: ".".into(), source })?;
     Ok(local_directory(url, &here)?.is_dir())
+}
+
+/// The `COMMIT` and verified `state.json` of a single checkpoint directory by URL, without
+/// reading its other files.
+pub async fn state_at_url(url: &str) -> Result<(Commit, Bytes)> {
+    if !local_directory_exists(url)? {
+        return Err(Error::BadCheckpoint { url: url.to_string(), reason: "no such directory".into() });
+    }
+    let location = effnet_store::open(url)?;
+    let marker = effnet_store::read_marker(location.store.as_ref(), &location.path(COMMIT_MARKER)?)
+        .await?
+        .ok_or_else(|| Error::BadCheckpoint {
+            url: url.to_string(),
+            reason: format!("no {COMMIT_MARKER} marker (never committed, or interrupted while saving)"),
+        })?;
+    let commit: Commit = serde_json::from_slice(&marker).map_err(|e| Error::BadCheckpoint {
+        url: url.to_string(),
+        reason: format!("unreadable {COMMIT_MARKER}: {e}"),
+    })?;
+    let state = read_verified(&location, STATE_FILE, STATE_FILE, &commit, url).await?;
+    Ok((commit, state))
 }
 
 /// Open a single checkpoint directory by URL (`--resume URL`) and load it.

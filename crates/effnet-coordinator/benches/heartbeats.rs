@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use effnet_coordinator::Client;
-use effnet_coordinator::protocol::{Action, JoinRequest, Progress};
+use effnet_coordinator::protocol::{Action, JobStart, JoinRequest, Progress};
 
 const TOKEN: &str = "bench-token";
 
@@ -281,7 +281,7 @@ async fn drive(
     let yaml = format!(
         "name: bench\nmodel: {{variant: b0}}\ndata: {{train: memory://bench/train}}\ndistributed: {{workers: {workers}}}\n"
     );
-    let job = client.submit(&yaml, "bench.yaml").await.expect("submitting the job").id;
+    let job = client.submit(&yaml, "bench.yaml", &JobStart::Latest).await.expect("submitting the job").id;
     let joining = Instant::now();
     let mut ids = Vec::with_capacity(workers as usize);
     for n in 0..workers {

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::protocol::{ErrorBody, JoinRequest, LeaveRequest, Progress, RendezvousBlob, RestartRequest};
+use crate::protocol::{
+    Assignment, ErrorBody, JobStart, JoinRequest, LeaveRequest, Progress, RendezvousBlob, RestartRequest,
+};
 use crate::state::State;
 use crate::{metrics, page};
 
@@ -54,6 +56,8 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/jobs/{job}/workers/{worker}/heartbeat", post(heartbeat))
         .route("/v1/jobs/{job}/workers/{worker}/leave", post(leave))
         .route("/v1/jobs/{job}/workers/{worker}/rendezvous", post(publish_rendezvous).get(rendezvous))
+        .route("/v1/jobs/{job}/workers/{worker}/assignment", get(assignment))
+        .route("/v1/jobs/{job}/workers/{worker}/plan", get(epoch_plan))
         .fallback(unknown_endpoint)
         .layer(DefaultBodyLimit::max(limit))
         // Outermost: nothing runs, and no body is read, for a request without the token.
@@ -102,6 +106,10 @@ fn json_body<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Answer<T> {
 struct SubmitQuery {
     /// Names the YAML in validation errors, as the file name does for `effnet run --check`.
     source: Option<String>,
+    /// `fresh`: the first generation starts at step 0 and deletes the job's checkpoints.
+    start: Option<String>,
+    /// The first generation resumes from this checkpoint directory.
+    resume: Option<String>,
 }
 
 fn query<T>(query: Result<Query<T>, QueryRejection>) -> Answer<T> {
@@ -113,11 +121,21 @@ async fn submit(
     submit_query: Result<Query<SubmitQuery>, QueryRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Answer<(StatusCode, Json<crate::protocol::Submitted>)> {
-    let source = query(submit_query)?.source.unwrap_or_else(|| "job.yaml".to_string());
+    let submit_query = query(submit_query)?;
+    let start = match (submit_query.start.as_deref(), submit_query.resume) {
+        (None | Some("latest"), None) => JobStart::Latest,
+        (Some("fresh"), None) => JobStart::Fresh,
+        (None, Some(url)) if !url.is_empty() => JobStart::Checkpoint { url },
+        (Some(other), None) => {
+            return Err(Error::bad_request(format!("start={other}: expected latest or fresh")));
+        }
+        _ => return Err(Error::bad_request("give start=fresh or resume=URL, not both")),
+    };
+    let source = submit_query.source.unwrap_or_else(|| "job.yaml".to_string());
     let bytes = body(&state, bytes)?;
     let yaml = String::from_utf8(bytes.to_vec())
         .map_err(|error| Error::bad_request(format!("{source}: the job YAML is not UTF-8: {error}")))?;
-    let submitted = state.submit(yaml, &source).await?;
+    let submitted = state.submit(yaml, &source, start).await?;
     tracing::info!(job = %submitted.id, "job submitted");
     Ok((StatusCode::CREATED, Json(submitted)))
 }
@@ -215,6 +233,28 @@ async fn rendezvous(
     Path((job, worker)): Path<(String, String)>,
 ) -> Answer<Json<RendezvousBlob>> {
     Ok(Json(RendezvousBlob { blob: state.rendezvous(&job, &worker).await? }))
+}
+
+async fn assignment(
+    Shared(state): Shared<Arc<State>>,
+    Path((job, worker)): Path<(String, String)>,
+) -> Answer<Json<Assignment>> {
+    Ok(Json(state.assignment(&job, &worker).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanQuery {
+    epoch: u64,
+}
+
+async fn epoch_plan(
+    Shared(state): Shared<Arc<State>>,
+    Path((job, worker)): Path<(String, String)>,
+    plan_query: Result<Query<PlanQuery>, QueryRejection>,
+) -> Answer<Json<effnet_data::EpochPlan>> {
+    let epoch = query(plan_query)?.epoch;
+    Ok(Json(state.epoch_plan(&job, &worker, epoch).await?))
 }
 
 async fn prometheus(Shared(state): Shared<Arc<State>>) -> Answer<Response> {

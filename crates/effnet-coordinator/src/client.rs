@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::protocol::{
-    ErrorBody, HeartbeatAnswer, JobDetail, JobSummary, JoinRequest, Joined, LeaveRequest, Progress,
-    ProgressRecord, RendezvousBlob, RestartRequest, Submitted,
+    Assignment, ErrorBody, HeartbeatAnswer, JobDetail, JobStart, JobSummary, JoinRequest, Joined,
+    LeaveRequest, Progress, ProgressRecord, RendezvousBlob, RestartRequest, Submitted,
 };
 
 #[non_exhaustive]
@@ -102,9 +102,15 @@ impl Client {
         }
     }
 
-    /// Submits job YAML; `source_name` names it in validation errors (the file name).
-    pub async fn submit(&self, yaml: &str, source_name: &str) -> ClientResult<Submitted> {
-        let path = format!("/v1/jobs?source={}", encode(source_name));
+    /// Submits job YAML; `source_name` names it in validation errors (the file name); `start`
+    /// is where its first generation starts.
+    pub async fn submit(&self, yaml: &str, source_name: &str, start: &JobStart) -> ClientResult<Submitted> {
+        let mut path = format!("/v1/jobs?source={}", encode(source_name));
+        match start {
+            JobStart::Latest => {}
+            JobStart::Fresh => path.push_str("&start=fresh"),
+            JobStart::Checkpoint { url } => path.push_str(&format!("&resume={}", encode(url))),
+        }
         self.send(Method::POST, &path, Body::Text(yaml)).await
     }
 
@@ -167,6 +173,23 @@ impl Client {
             status: 200,
             reason: "the rendezvous blob is not hex".into(),
         })
+    }
+
+    /// This worker's start in its running generation (409 while it forms).
+    pub async fn assignment(&self, job: &str, worker: &str) -> ClientResult<Assignment> {
+        let path = format!("/v1/jobs/{}/workers/{}/assignment", encode(job), encode(worker));
+        self.send(Method::GET, &path, Body::None).await
+    }
+
+    /// Epoch `epoch`'s plan for this worker's generation.
+    pub async fn epoch_plan(
+        &self,
+        job: &str,
+        worker: &str,
+        epoch: u64,
+    ) -> ClientResult<effnet_data::EpochPlan> {
+        let path = format!("/v1/jobs/{}/workers/{}/plan?epoch={epoch}", encode(job), encode(worker));
+        self.send(Method::GET, &path, Body::None).await
     }
 
     pub async fn leave(

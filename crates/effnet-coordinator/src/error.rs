@@ -22,6 +22,13 @@ pub enum Error {
     /// The request does not fit the job's state (joining a cancelled job, a taken rank).
     #[error("{message}")]
     Conflict { message: String },
+    /// The job's data or checkpoints cannot be dealt (a checkpoint without a readable cursor, a
+    /// checkpoint the store lost): a restart would not cure it.
+    #[error("{message}")]
+    Unprocessable { message: String },
+    /// The job's data or checkpoint store could not be read now; asking again may succeed.
+    #[error("{message}")]
+    Unavailable { message: String },
     /// A body larger than the limit.
     #[error("request body larger than {limit} bytes")]
     TooLarge { limit: usize },
@@ -58,6 +65,8 @@ impl Error {
             Error::UnknownJob { .. } | Error::UnknownWorker { .. } | Error::UnknownEndpoint { .. } => 404,
             Error::Conflict { .. } => 409,
             Error::TooLarge { .. } => 413,
+            Error::Unprocessable { .. } => 422,
+            Error::Unavailable { .. } => 503,
             Error::StateDir { .. }
             | Error::Database { .. }
             | Error::Corrupt { .. }

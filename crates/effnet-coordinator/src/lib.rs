@@ -5,6 +5,9 @@
 //! effnet submit ──POST /v1/jobs (YAML)──► validate (effnet-config) ──► jobs table (queued)
 //! effnet worker ──POST .../workers──────► generation N forming ── world_size joined ──► running
 //!               ──POST .../heartbeat────► progress rows; answer: wait | train | restart | stop
+//!               ──GET .../assignment────► the generation's deal (read once from the checkpoint
+//!                                         store: start checkpoint, rest of the epoch re-dealt)
+//!               ──GET .../plan?epoch=N──► a new epoch's plan for the generation's world
 //!               ──POST .../leave────────► finished (all ranks) → succeeded, failed → failed,
 //!                                         restart → generation ends, the engine relaunches
 //! expiry task (every sweep_every) ──────► a worker silent past heartbeat_timeout expires and
@@ -19,6 +22,8 @@
 //! - `protocol`: the JSON bodies, shared by the server and [`Client`].
 //! - `state`: [`State`], what the handlers share: the store, the token, the settings and the
 //!   heartbeat deadlines on tokio's clock.
+//! - `deal`: where a generation starts and the rows each rank reads, from the job's checkpoint
+//!   store and dataset manifest.
 //! - `store`: SQLite tables and every decision that reads and writes them, one transaction each.
 //! - `api`: routes, the token check, body parsing, errors as JSON.
 //! - `metrics`, `page`: `/metrics` and `/`.
@@ -27,6 +32,7 @@
 
 mod api;
 mod client;
+mod deal;
 mod error;
 mod metrics;
 mod page;

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use effnet_data::DataCursor;
 use serde::{Deserialize, Serialize};
 
 /// Where a job is in its life.
@@ -140,6 +141,51 @@ pub struct Submitted {
     pub state: JobState,
 }
 
+/// Where a job's first generation starts, chosen at submission (`--fresh`, `--resume URL`);
+/// later generations start from the job's newest committed checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JobStart {
+    /// The newest committed checkpoint in the job's checkpoint store, or step 0.
+    #[default]
+    Latest,
+    /// Step 0; the first generation's rank 0 deletes the job's existing checkpoints.
+    Fresh,
+    /// This checkpoint directory (of this job or another).
+    Checkpoint { url: String },
+}
+
+/// Where a generation starts, decided by the coordinator once for all its ranks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StartPoint {
+    /// Step 0: there is no committed checkpoint to resume (existing files are left alone).
+    Scratch,
+    /// Step 0 after rank 0 deleted the job's checkpoints ([`JobStart::Fresh`]).
+    Fresh,
+    /// This committed checkpoint.
+    Checkpoint { step: u64, url: String },
+}
+
+/// What the coordinator dealt a generation: its start and, when that is mid-epoch, the rest of
+/// the epoch re-dealt to the generation's ranks (exactly once, at its world size).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deal {
+    pub start: StartPoint,
+    /// The plan and every rank's cursor; `None` when the start is an epoch's start.
+    pub data: Option<DataCursor>,
+}
+
+/// `GET /v1/jobs/{id}/workers/{wid}/assignment`: a worker's start in a running generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub generation: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    #[serde(flatten)]
+    pub deal: Deal,
+}
+
 /// The newest checkpoint a worker reported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,10 +242,11 @@ pub struct Generation {
     pub end_reason: Option<String>,
     pub started_at: f64,
     pub ended_at: Option<f64>,
-    /// The checkpoint every rank of this generation resumes from, chosen once when the
-    /// generation formed: the newest one any worker of the job reported committed (`None`: the
-    /// job's newest in its checkpoint store, or step 0).
+    /// The newest checkpoint any worker of the job had reported committed when the generation
+    /// formed: the generation starts from it or a newer one.
     pub resume: Option<CheckpointReport>,
+    /// Where the generation starts, once the coordinator dealt it (at its first assignment).
+    pub start: Option<StartPoint>,
 }
 
 /// A worker of a generation.
@@ -257,8 +304,6 @@ pub struct Joined {
     /// Members joined so far; the generation runs when this reaches `world_size`.
     pub members: u32,
     pub generation_state: GenerationState,
-    /// The generation's resume checkpoint (see [`Generation::resume`]).
-    pub resume: Option<CheckpointReport>,
     /// How often to heartbeat: a fifth of the coordinator's heartbeat timeout.
     pub heartbeat_interval_s: f64,
 }
@@ -299,8 +344,6 @@ pub struct HeartbeatAnswer {
     pub rank: u32,
     pub world_size: u32,
     pub members: u32,
-    /// The generation's resume checkpoint (see [`Generation::resume`]).
-    pub resume: Option<CheckpointReport>,
 }
 
 /// Why a worker leaves.

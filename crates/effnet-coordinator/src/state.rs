@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::{
-    HeartbeatAnswer, JobDetail, JobSummary, JoinRequest, Joined, LeaveRequest, MemberState, Progress,
-    ProgressRecord, RestartRequest, Submitted,
+    Assignment, HeartbeatAnswer, JobDetail, JobStart, JobSummary, JoinRequest, Joined, LeaveRequest,
+    MemberState, Progress, ProgressRecord, RestartRequest, Submitted,
 };
 use crate::store::{self, Store};
 
@@ -51,6 +51,10 @@ pub struct State {
     settings: Settings,
     /// Worker id → the instant it expires unless it heartbeats.
     deadlines: Mutex<HashMap<String, Instant>>,
+    /// Held while a generation is dealt, so concurrent first requests deal it once.
+    dealing: tokio::sync::Mutex<()>,
+    /// Job id → its training data's row groups (read from the manifest once).
+    row_groups: Mutex<HashMap<String, std::sync::Arc<Vec<effnet_data::RowGroupRef>>>>,
 }
 
 /// SHA-256 of a domain tag and the token, in hex: the status page's key.
@@ -59,6 +63,12 @@ fn view_key(token: &str) -> String {
     let digest =
         sha2::Sha256::new().chain_update(b"effnet status page\0").chain_update(token.as_bytes()).finalize();
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A stored job's spec (it validated when it was submitted).
+fn stored_spec(yaml: &str, job_id: &str) -> Result<JobSpec> {
+    JobSpec::from_yaml_str(yaml, &format!("job {job_id}"))
+        .map_err(|error| Error::Corrupt { message: format!("job {job_id}'s stored spec: {error}") })
 }
 
 /// Seconds since the Unix epoch, the time format of the database and the API.
@@ -84,6 +94,8 @@ impl State {
             view_key,
             settings,
             deadlines: Mutex::new(deadlines),
+            dealing: tokio::sync::Mutex::new(()),
+            row_groups: Mutex::new(HashMap::new()),
         })
     }
 
@@ -130,18 +142,22 @@ impl State {
 
     /// Validates the job YAML exactly as `effnet run --check` validates a spec (effnet-config,
     /// errors named after `source_name`) and stores it as a queued job.
-    pub async fn submit(&self, yaml: String, source_name: &str) -> Result<Submitted> {
+    pub async fn submit(&self, yaml: String, source_name: &str, start: JobStart) -> Result<Submitted> {
         let spec = JobSpec::from_yaml_str(&yaml, source_name)
             .map_err(|error| Error::bad_request(error.to_string()))?;
         let spec_json = serde_json::to_value(&spec)
             .map_err(|error| Error::Internal { message: format!("spec to JSON: {error}") })?;
-        let name = spec.name.clone();
-        let world_size = spec.distributed.workers;
-        let limits = (spec.distributed.max_restarts, spec.min_workers());
+        let job = store::NewJob {
+            name: spec.name.clone(),
+            yaml,
+            spec: spec_json,
+            world_size: spec.distributed.workers,
+            max_restarts: spec.distributed.max_restarts,
+            min_workers: spec.min_workers(),
+            start,
+        };
         let now = now();
-        self.store
-            .call(move |db| store::insert_job(db, &name, &yaml, &spec_json, world_size, limits, now))
-            .await
+        self.store.call(move |db| store::insert_job(db, &job, now)).await
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobSummary>> {
@@ -234,6 +250,70 @@ impl State {
     pub async fn rendezvous(&self, job_id: &str, worker_id: &str) -> Result<Option<String>> {
         let (job, worker) = (job_id.to_string(), worker_id.to_string());
         self.store.call(move |db| store::rendezvous(db, &job, &worker)).await
+    }
+
+    /// A member's start in its running generation: the checkpoint and the rest of the epoch
+    /// dealt to the generation's ranks, decided at the first request and stored (see
+    /// [`crate::deal`]).
+    pub async fn assignment(&self, job_id: &str, worker_id: &str) -> Result<Assignment> {
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        let context = {
+            let (job, worker) = (job.clone(), worker.clone());
+            self.store.call(move |db| store::deal_context(db, &job, &worker)).await?
+        };
+        let deal = match context.deal {
+            Some(deal) => deal,
+            None => {
+                let _dealing = self.dealing.lock().await;
+                let again = self.store.call(move |db| store::deal_context(db, &job, &worker)).await?;
+                match again.deal {
+                    Some(deal) => deal,
+                    None => {
+                        let spec = stored_spec(&again.yaml, job_id)?;
+                        let world = again.generation.world_size as usize;
+                        let deal =
+                            crate::deal::deal(&spec, &again.start, again.generation.resume.as_ref(), world)
+                                .await?;
+                        let (job, number) = (job_id.to_string(), again.generation.number);
+                        let deal =
+                            self.store.call(move |db| store::save_deal(db, &job, number, &deal)).await?;
+                        tracing::info!(job = job_id, generation = number, start = ?deal.start, "generation dealt");
+                        deal
+                    }
+                }
+            }
+        };
+        Ok(Assignment {
+            generation: context.generation.number,
+            rank: context.member.rank,
+            world_size: context.generation.world_size,
+            deal,
+        })
+    }
+
+    /// Epoch `epoch`'s plan for a member's running generation.
+    pub async fn epoch_plan(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        epoch: u64,
+    ) -> Result<effnet_data::EpochPlan> {
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        let context = self.store.call(move |db| store::deal_context(db, &job, &worker)).await?;
+        let spec = stored_spec(&context.yaml, job_id)?;
+        let cached = self.row_groups.lock().unwrap_or_else(PoisonError::into_inner).get(job_id).cloned();
+        let row_groups = match cached {
+            Some(groups) => groups,
+            None => {
+                let groups = std::sync::Arc::new(crate::deal::row_groups(&spec).await?);
+                self.row_groups
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(job_id.to_string(), groups.clone());
+                groups
+            }
+        };
+        crate::deal::epoch_plan(&spec, &row_groups, epoch, context.generation.world_size as usize)
     }
 
     pub async fn progress(&self, job_id: &str, limit: u32) -> Result<Vec<ProgressRecord>> {

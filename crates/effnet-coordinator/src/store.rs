@@ -12,16 +12,16 @@ use rusqlite::{Connection, OptionalExtension, Params, Row, params};
 
 use crate::error::{Error, Result};
 use crate::protocol::{
-    Action, CheckpointReport, Generation, GenerationState, HeartbeatAnswer, JobDetail, JobState, JobSummary,
-    JoinRequest, Joined, LastCheckpoint, LeaveOutcome, LeaveRequest, Member, MemberState, Progress,
-    ProgressRecord, RestartRequest, Submitted,
+    Action, CheckpointReport, Deal, Generation, GenerationState, HeartbeatAnswer, JobDetail, JobStart,
+    JobState, JobSummary, JoinRequest, Joined, LastCheckpoint, LeaveOutcome, LeaveRequest, Member,
+    MemberState, Progress, ProgressRecord, RestartRequest, Submitted,
 };
 
 /// The database file inside the state directory.
 pub const DATABASE_FILE: &str = "coordinator.sqlite3";
 
 /// The version of [`SCHEMA`], kept in the database's `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     restarts INTEGER NOT NULL DEFAULT 0,
     max_restarts INTEGER NOT NULL,
     min_workers INTEGER NOT NULL,
+    start TEXT NOT NULL,
     reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS generations (
     resume_step INTEGER,
     resume_url TEXT,
     rendezvous TEXT,
+    deal TEXT,
     PRIMARY KEY (job_id, number)
 );
 CREATE TABLE IF NOT EXISTS members (
@@ -289,7 +291,7 @@ fn generations(connection: &Connection, job_id: &str) -> Result<Vec<Generation>>
 /// A job's generations, or the one numbered `number`.
 fn generations_where(connection: &Connection, job_id: &str, number: Option<u32>) -> Result<Vec<Generation>> {
     let mut statement = connection.prepare_cached(
-        "SELECT number, world_size, state, end_reason, started_at, ended_at, resume_step, resume_url
+        "SELECT number, world_size, state, end_reason, started_at, ended_at, resume_step, resume_url, deal
          FROM generations WHERE job_id = ?1 AND (?2 IS NULL OR number = ?2) ORDER BY number",
     )?;
     let rows = statement.query_map(params![job_id, number], |row| {
@@ -299,6 +301,7 @@ fn generations_where(connection: &Connection, job_id: &str, number: Option<u32>)
             }
             _ => None,
         };
+        let deal = row.get::<_, Option<String>>(8)?;
         Ok((
             Generation {
                 number: row.get(0)?,
@@ -309,14 +312,19 @@ fn generations_where(connection: &Connection, job_id: &str, number: Option<u32>)
                 started_at: row.get(4)?,
                 ended_at: row.get(5)?,
                 resume,
+                start: None,
             },
             row.get::<_, String>(2)?,
+            deal,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (mut generation, state) = row?;
+        let (mut generation, state, deal) = row?;
         generation.state = parse(state)?;
+        if let Some(deal) = deal {
+            generation.start = Some(read_deal(&deal)?.start);
+        }
         out.push(generation);
     }
     Ok(out)
@@ -443,36 +451,41 @@ fn summary(connection: &Connection, job: &JobRow) -> Result<JobSummary> {
     })
 }
 
-pub(crate) fn insert_job(
-    connection: &Connection,
-    name: &str,
-    yaml: &str,
-    spec: &serde_json::Value,
-    world_size: u32,
-    (max_restarts, min_workers): (u32, u32),
-    now: f64,
-) -> Result<Submitted> {
+/// A validated job about to be stored.
+pub(crate) struct NewJob {
+    pub name: String,
+    pub yaml: String,
+    pub spec: serde_json::Value,
+    pub world_size: u32,
+    pub max_restarts: u32,
+    pub min_workers: u32,
+    pub start: JobStart,
+}
+
+pub(crate) fn insert_job(connection: &Connection, job: &NewJob, now: f64) -> Result<Submitted> {
+    let start = serde_json::to_string(&job.start).map_err(|e| Error::Internal { message: e.to_string() })?;
     let seq: i64 = query_row(connection, "SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |row| row.get(0))?;
-    let id = format!("{name}-{seq}");
+    let id = format!("{}-{seq}", job.name);
     execute(
         connection,
         "INSERT INTO jobs (seq, id, name, yaml, spec, world_size, state, restarts, max_restarts, min_workers,
-             created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?10)",
+             start, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?11, ?10, ?10)",
         params![
             seq,
             id,
-            name,
-            yaml,
-            spec.to_string(),
-            world_size,
+            job.name,
+            job.yaml,
+            job.spec.to_string(),
+            job.world_size,
             JobState::Queued.as_str(),
-            max_restarts,
-            min_workers,
-            now
+            job.max_restarts,
+            job.min_workers,
+            now,
+            start
         ],
     )?;
-    Ok(Submitted { id, name: name.to_string(), state: JobState::Queued })
+    Ok(Submitted { id, name: job.name.clone(), state: JobState::Queued })
 }
 
 pub(crate) fn list_jobs(connection: &Connection) -> Result<Vec<JobSummary>> {
@@ -624,6 +637,7 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
                 started_at: now,
                 ended_at: None,
                 resume,
+                start: None,
             }
         }
     };
@@ -681,7 +695,6 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
         world_size: generation.world_size,
         members: count,
         generation_state,
-        resume: generation.resume,
         // Filled in by the state, which knows the timeout.
         heartbeat_interval_s: 0.0,
     })
@@ -715,7 +728,6 @@ fn answer(connection: &Connection, job_id: &str, member: &Member) -> Result<Hear
         rank: member.rank,
         world_size: generation.world_size,
         members: count,
-        resume: generation.resume,
     })
 }
 
@@ -1022,4 +1034,59 @@ fn generation_rendezvous(connection: &Connection, job_id: &str, number: u32) -> 
         params![job_id, number],
         |row| row.get(0),
     )?)
+}
+
+fn read_deal(text: &str) -> Result<Deal> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt { message: format!("a generation's deal: {e}") })
+}
+
+/// What the coordinator needs to deal a member's generation: the member, its generation, the
+/// deal if made already, and the job's YAML and start.
+pub(crate) struct DealContext {
+    pub member: Member,
+    pub generation: Generation,
+    pub deal: Option<Deal>,
+    pub yaml: String,
+    pub start: JobStart,
+}
+
+/// The context of an active member of a running generation; a forming one has no deal yet.
+pub(crate) fn deal_context(connection: &Connection, job_id: &str, worker_id: &str) -> Result<DealContext> {
+    let member = rendezvous_member(connection, job_id, worker_id)?;
+    let generation = generation(connection, job_id, member.generation)?
+        .ok_or_else(|| Error::Corrupt { message: format!("worker {worker_id} has no generation") })?;
+    if generation.state != GenerationState::Running {
+        return Err(Error::conflict(format!(
+            "generation {} is still forming: its assignment is dealt once every rank joined",
+            generation.number
+        )));
+    }
+    let (yaml, start, deal): (String, String, Option<String>) = query_row(
+        connection,
+        "SELECT jobs.yaml, jobs.start, generations.deal FROM jobs JOIN generations ON generations.job_id = jobs.id
+         WHERE jobs.id = ?1 AND generations.number = ?2",
+        params![job_id, member.generation],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
+    let start = serde_json::from_str(&start)
+        .map_err(|e| Error::Corrupt { message: format!("a job's start: {e}") })?;
+    let deal = deal.as_deref().map(read_deal).transpose()?;
+    Ok(DealContext { member, generation, deal, yaml, start })
+}
+
+/// Records generation `number`'s deal, unless one was recorded first (which is then returned).
+pub(crate) fn save_deal(connection: &Connection, job_id: &str, number: u32, deal: &Deal) -> Result<Deal> {
+    let text = serde_json::to_string(deal).map_err(|e| Error::Internal { message: e.to_string() })?;
+    execute(
+        connection,
+        "UPDATE generations SET deal = ?3 WHERE job_id = ?1 AND number = ?2 AND deal IS NULL",
+        params![job_id, number, text],
+    )?;
+    let stored: Option<String> = query_row(
+        connection,
+        "SELECT deal FROM generations WHERE job_id = ?1 AND number = ?2",
+        params![job_id, number],
+        |row| row.get(0),
+    )?;
+    read_deal(&stored.unwrap_or(text))
 }

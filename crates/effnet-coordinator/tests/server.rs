@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use effnet_coordinator::protocol::{
-    Action, CheckpointReport, GenerationState, JobState, JoinRequest, LeaveOutcome, LeaveRequest,
+    Action, CheckpointReport, GenerationState, JobStart, JobState, JoinRequest, LeaveOutcome, LeaveRequest,
     MemberState, Progress,
 };
 use effnet_coordinator::{Client, ClientError, Settings, State};
@@ -126,7 +126,7 @@ async fn oversized_and_malformed_bodies_are_refused_and_change_nothing() {
     let settings = Settings { body_limit: 1024, ..Settings::default() };
     let server = Server::start(dir.path(), settings).await;
     let client = server.client();
-    let job = client.submit(&job_yaml("demo", 2), "demo.yaml").await.unwrap();
+    let job = client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
     assert_eq!(job.id, "demo-1");
 
     // Too large: a valid job padded with a comment past the limit.
@@ -188,13 +188,13 @@ async fn unknown_jobs_workers_and_endpoints_are_404() {
         (404, "unknown job nope-1".to_string())
     );
     assert_eq!(rejected(client.progress("nope-1", 5).await.unwrap_err()).0, 404);
-    client.submit(&job_yaml("demo", 1), "demo.yaml").await.unwrap();
+    client.submit(&job_yaml("demo", 1), "demo.yaml", &JobStart::Latest).await.unwrap();
     assert_eq!(
         rejected(client.heartbeat("demo-1", "w9", &Progress::default()).await.unwrap_err()),
         (404, "unknown worker w9 of job demo-1".to_string())
     );
     // A worker id of another job is unknown to this one.
-    client.submit(&job_yaml("other", 1), "other.yaml").await.unwrap();
+    client.submit(&job_yaml("other", 1), "other.yaml", &JobStart::Latest).await.unwrap();
     let joined = client.join("other-2", &JoinRequest::default()).await.unwrap();
     assert_eq!(
         rejected(client.heartbeat("demo-1", &joined.worker_id, &Progress::default()).await.unwrap_err()).0,
@@ -213,10 +213,14 @@ async fn a_bad_config_is_refused_with_the_run_check_message_and_nothing_is_store
     let yaml = "name: demo\nmodel: {variant: b0}\ndata: {train: x, batch_size: -3}\n";
     let expected = effnet_config::JobSpec::from_yaml_str(yaml, "job.yaml").unwrap_err().to_string();
     assert_eq!(expected, "job.yaml:3:30: data.batch_size: invalid value -3, expected a positive integer");
-    assert_eq!(rejected(client.submit(yaml, "job.yaml").await.unwrap_err()), (400, expected));
+    assert_eq!(
+        rejected(client.submit(yaml, "job.yaml", &JobStart::Latest).await.unwrap_err()),
+        (400, expected)
+    );
 
     let misspelt = "name: demo\nmodel: {variant: b0}\ndata: {train: x}\ntrainig: {steps: 3}\n";
-    let (status, reason) = rejected(client.submit(misspelt, "configs/x.yaml").await.unwrap_err());
+    let (status, reason) =
+        rejected(client.submit(misspelt, "configs/x.yaml", &JobStart::Latest).await.unwrap_err());
     assert_eq!(status, 400);
     assert_eq!(
         reason,
@@ -233,12 +237,12 @@ async fn submit_list_show_and_cancel() {
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
     let yaml = job_yaml("demo", 2);
-    let submitted = client.submit(&yaml, "demo.yaml").await.unwrap();
+    let submitted = client.submit(&yaml, "demo.yaml", &JobStart::Latest).await.unwrap();
     assert_eq!(
         (submitted.id.as_str(), submitted.name.as_str(), submitted.state),
         ("demo-1", "demo", JobState::Queued)
     );
-    let second = client.submit(&job_yaml("demo", 1), "demo.yaml").await.unwrap();
+    let second = client.submit(&job_yaml("demo", 1), "demo.yaml", &JobStart::Latest).await.unwrap();
     assert_eq!(second.id, "demo-2");
 
     let jobs = client.jobs().await.unwrap();
@@ -273,7 +277,7 @@ async fn workers_join_a_generation_heartbeat_and_finish_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
-    client.submit(&job_yaml("demo", 2), "demo.yaml").await.unwrap();
+    client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
 
     let first = client
         .join("demo-1", &JoinRequest { host: Some("gpu-a".into()), ..Default::default() })
@@ -377,7 +381,7 @@ async fn a_restart_ends_the_generation_and_the_next_join_forms_another() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
-    client.submit(&job_yaml("demo", 2), "demo.yaml").await.unwrap();
+    client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
     let first = client.join("demo-1", &JoinRequest::default()).await.unwrap();
     let second = client.join("demo-1", &JoinRequest::default()).await.unwrap();
     let restart =
@@ -422,9 +426,10 @@ async fn generations_resume_from_the_newest_reported_checkpoint_until_restarts_r
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
     let yaml = job_yaml("demo", 2).replace("{workers: 2}", "{workers: 2, max_restarts: 2}");
-    client.submit(&yaml, "demo.yaml").await.unwrap();
+    client.submit(&yaml, "demo.yaml", &JobStart::Latest).await.unwrap();
     let first = client.join("demo-1", &JoinRequest::default()).await.unwrap();
-    assert_eq!(first.resume, None, "nothing to resume from yet");
+    let detail = client.job("demo-1").await.unwrap();
+    assert_eq!(detail.generations[0].resume, None, "nothing to resume from yet");
     assert!((first.heartbeat_interval_s - 12.0).abs() < 1e-9, "a fifth of the 60 s timeout");
     let second = client.join("demo-1", &JoinRequest::default()).await.unwrap();
     let checkpoint = |step: u64| CheckpointReport { step, url: format!("file:///c/step-{step:08}") };
@@ -441,11 +446,11 @@ async fn generations_resume_from_the_newest_reported_checkpoint_until_restarts_r
 
     // Generation 2 resumes from step 16, and keeps that choice while newer ones are reported.
     let a = client.join("demo-1", &JoinRequest::default()).await.unwrap();
-    assert_eq!((a.generation, a.resume.clone()), (2, Some(checkpoint(16))));
+    assert_eq!(a.generation, 2);
     let b = client.join("demo-1", &JoinRequest::default()).await.unwrap();
     let progress = Progress { step: Some(24), checkpoint: Some(checkpoint(24)), ..Default::default() };
     let answer = client.heartbeat("demo-1", &b.worker_id, &progress).await.unwrap();
-    assert_eq!((answer.action, answer.resume), (Action::Train, Some(checkpoint(16))));
+    assert_eq!(answer.action, Action::Train);
     let detail = client.job("demo-1").await.unwrap();
     assert_eq!(detail.generations[1].resume, Some(checkpoint(16)));
     let restart = LeaveRequest { outcome: LeaveOutcome::Restart, message: Some("NCCL timeout".into()) };
@@ -454,7 +459,8 @@ async fn generations_resume_from_the_newest_reported_checkpoint_until_restarts_r
     // Generation 3 (the second restart) resumes from step 24; when it ends the job has used
     // its two restarts and fails, naming why.
     let c = client.join("demo-1", &JoinRequest::default()).await.unwrap();
-    assert_eq!((c.generation, c.resume), (3, Some(checkpoint(24))));
+    assert_eq!(c.generation, 3);
+    assert_eq!(client.job("demo-1").await.unwrap().generations[2].resume, Some(checkpoint(24)));
     client.leave("demo-1", &c.worker_id, &restart).await.unwrap();
     let summary = client.job("demo-1").await.unwrap().summary;
     assert_eq!((summary.state, summary.restarts, summary.max_restarts), (JobState::Failed, 2, 2));
@@ -465,7 +471,7 @@ async fn generations_resume_from_the_newest_reported_checkpoint_until_restarts_r
     assert_eq!(rejected(client.restart("demo-1", "again", false).await.unwrap_err()).0, 409);
 
     // An engine whose workers failed on bad input gives up: no restart.
-    client.submit(&job_yaml("other", 2), "other.yaml").await.unwrap();
+    client.submit(&job_yaml("other", 2), "other.yaml", &JobStart::Latest).await.unwrap();
     client.join("other-2", &JoinRequest::default()).await.unwrap();
     let summary = client.restart("other-2", "workers exited with status 2", true).await.unwrap();
     assert_eq!((summary.state, summary.restarts), (JobState::Failed, 0));
@@ -481,7 +487,7 @@ async fn elastic_generations_take_the_world_the_engine_launched() {
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
     let yaml = job_yaml("demo", 3).replace("{workers: 3}", "{workers: 3, min_workers: 2}");
-    client.submit(&yaml, "demo.yaml").await.unwrap();
+    client.submit(&yaml, "demo.yaml", &JobStart::Latest).await.unwrap();
     let join = |rank: u32, world_size: u32| JoinRequest {
         rank: Some(rank),
         world_size: Some(world_size),
@@ -521,7 +527,7 @@ async fn engine_ranks_and_world_sizes_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
-    client.submit(&job_yaml("demo", 2), "demo.yaml").await.unwrap();
+    client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
     let (status, reason) = rejected(
         client.join("demo-1", &JoinRequest { world_size: Some(3), ..Default::default() }).await.unwrap_err(),
     );
@@ -556,8 +562,8 @@ async fn a_restarted_coordinator_keeps_its_jobs_and_watches_their_workers() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
-    client.submit(&job_yaml("demo", 2), "demo.yaml").await.unwrap();
-    client.submit(&job_yaml("gone", 1), "gone.yaml").await.unwrap();
+    client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
+    client.submit(&job_yaml("gone", 1), "gone.yaml", &JobStart::Latest).await.unwrap();
     client.cancel("gone-2").await.unwrap();
     let joined = client.join("demo-1", &JoinRequest::default()).await.unwrap();
     client
@@ -586,7 +592,10 @@ async fn a_restarted_coordinator_keeps_its_jobs_and_watches_their_workers() {
     assert_eq!(answer.action, Action::Wait);
     let second = client.join("demo-1", &JoinRequest::default()).await.unwrap();
     assert_eq!((second.generation, second.rank, second.generation_state), (1, 1, GenerationState::Running));
-    assert_eq!(client.submit(&job_yaml("next", 1), "next.yaml").await.unwrap().id, "next-3");
+    assert_eq!(
+        client.submit(&job_yaml("next", 1), "next.yaml", &JobStart::Latest).await.unwrap().id,
+        "next-3"
+    );
     server.stop().await;
 }
 
@@ -601,7 +610,7 @@ async fn a_worker_silent_past_the_timeout_expires_and_ends_its_generation() {
     };
     let server = Server::start(dir.path(), settings).await;
     let state = Arc::clone(&server.state);
-    state.submit(job_yaml("demo", 2), "demo.yaml").await.unwrap();
+    state.submit(job_yaml("demo", 2), "demo.yaml", JobStart::Latest).await.unwrap();
     let first = state.join("demo-1", JoinRequest::default()).await.unwrap();
     let second = state.join("demo-1", JoinRequest::default()).await.unwrap();
     assert_eq!(state.watched(), 2);
@@ -659,7 +668,7 @@ async fn a_state_directory_of_another_schema_is_refused() {
     let text = error.to_string();
     assert!(
         text.contains(
-            "coordinator.sqlite3 was written by another version of effnet (schema 1; this one reads 2)"
+            "coordinator.sqlite3 was written by another version of effnet (schema 1; this one reads 3)"
         ),
         "{text}"
     );

@@ -1,9 +1,10 @@
 //! The checkpoint manager: decides once where a run starts, and saves the [`Stateful`]
 //! components when a checkpoint is due, in the background, keeping the last and best k.
 //!
-//! Resume is decided by rank 0 alone (the newest committed checkpoint, at least the coordinator's
-//! for the generation when there is one; `--resume URL`; or none) and its URL is broadcast; every rank then loads that same checkpoint (checksums verified), so
-//! ranks can never start from different steps. A rank that cannot read it fails the job.
+//! Resume is decided once: by a coordinator for its generation (passed in as a URL or none), or
+//! by rank 0 alone (the newest committed checkpoint; `--resume URL`; or none). Rank 0's choice
+//! is broadcast; every rank then loads that same checkpoint (checksums verified), so ranks can
+//! never start from different steps. A rank that cannot read it fails the job.
 
 use std::collections::HashMap;
 
@@ -22,10 +23,8 @@ use crate::sync::DataParallel;
 pub enum ResumeFrom {
     /// The newest committed checkpoint of the job, or step 0 when there is none.
     Latest,
-    /// The newest committed checkpoint of the job, which must be this step or later: a
-    /// coordinator's resume point for a generation (the newest checkpoint it heard of; a newer
-    /// one may have been committed just before the failure, before its report arrived).
-    NewestSince { step: u64, url: String },
+    /// Step 0, keeping the job's checkpoints: a coordinator found none to resume from.
+    Scratch,
     /// One checkpoint directory by URL.
     Url(String),
     /// Step 0; the job's existing checkpoints are deleted first.
@@ -81,28 +80,9 @@ impl Checkpointer {
         let mut chosen: Option<(String, HashMap<String, Bytes>)> = None;
         if self.writer {
             chosen = match (resume, &self.store) {
-                (ResumeFrom::Fresh, _) | (ResumeFrom::Latest, None) => None,
+                (ResumeFrom::Fresh | ResumeFrom::Scratch, _) | (ResumeFrom::Latest, None) => None,
                 (ResumeFrom::Latest, Some(store)) => {
                     runtime.block_on(store.latest())?.map(|(committed, files)| (committed.url, files))
-                }
-                (ResumeFrom::NewestSince { step, url }, store) => {
-                    let newest = match store {
-                        Some(store) => runtime.block_on(store.latest())?,
-                        None => None,
-                    };
-                    match newest {
-                        Some((committed, files)) if committed.step >= *step => Some((committed.url, files)),
-                        found => {
-                            return Err(Error::invalid(
-                                "checkpoint.url",
-                                format!(
-                                    "the coordinator resumes this generation from step {step} ({url}), but the newest committed checkpoint in {} is {}",
-                                    self.url,
-                                    found.map_or("none".to_string(), |(c, _)| format!("step {}", c.step))
-                                ),
-                            ));
-                        }
-                    }
                 }
                 (ResumeFrom::Url(url), _) => {
                     Some((url.clone(), runtime.block_on(checkpoint::load_url(url))?.1))

@@ -55,6 +55,20 @@ pub struct FeedSettings {
     /// This process's rank and the world size: each rank reads its share of every epoch.
     pub rank: usize,
     pub world_size: usize,
+    /// Where the plans come from when they are not computed here (a coordinator's deal).
+    pub dealer: Option<Arc<dyn Dealer>>,
+}
+
+/// The data plans of a run dealt elsewhere: a coordinator decides, once per generation, the
+/// rest of the resumed epoch for this run's world and the plan of every new epoch. The feed
+/// checks what it is given: a resumed epoch must hold exactly the samples the checkpoint's
+/// cursor still had to train, and a new epoch's plan must deal every row of the dataset once.
+pub trait Dealer: Send + Sync + std::fmt::Debug {
+    /// The rest of the resumed checkpoint's epoch, dealt to this run's ranks (`None` when the
+    /// run starts at an epoch's start).
+    fn resumed(&self) -> Option<DataCursor>;
+    /// The plan of epoch `epoch` (blocking; called from a blocking task).
+    fn epoch_plan(&self, epoch: u64) -> Result<EpochPlan>;
 }
 
 /// What one rank trains in one step: up to `accumulate` batches of the current epoch.
@@ -184,9 +198,86 @@ impl Stateful for Feed {
                 });
             }
         }
-        self.start = cursor;
+        self.start = match &self.settings.dealer {
+            Some(dealer) => self.dealt(cursor, dealer.resumed(), &checkpoint.url)?,
+            None => cursor,
+        };
         Ok(())
     }
+}
+
+impl Feed {
+    /// The dealer's rest of the epoch, checked against the checkpoint's own cursor: the same
+    /// samples still to train, dealt to this run's world.
+    fn dealt(
+        &self,
+        saved: Option<DataCursor>,
+        dealt: Option<DataCursor>,
+        url: &str,
+    ) -> Result<Option<DataCursor>> {
+        let disagree = |reason: String| Error::IncompatibleCheckpoint {
+            url: url.to_string(),
+            reason: format!("the coordinator's deal disagrees with its data cursor: {reason}"),
+        };
+        match (saved, dealt) {
+            (None, None) => Ok(None),
+            (Some(_), None) => {
+                Err(disagree("no rest of the epoch was dealt for a mid-epoch checkpoint".into()))
+            }
+            (None, Some(_)) => {
+                Err(disagree("a rest of the epoch was dealt for an epoch-end checkpoint".into()))
+            }
+            (Some(saved), Some(dealt)) => {
+                dealt.validate().map_err(|e| disagree(e.to_string()))?;
+                if dealt.plan.world_size() != self.settings.world_size {
+                    return Err(disagree(format!(
+                        "dealt to {} ranks, this run has {}",
+                        dealt.plan.world_size(),
+                        self.settings.world_size
+                    )));
+                }
+                if (dealt.plan.seed, dealt.plan.epoch) != (saved.plan.seed, saved.plan.epoch) {
+                    return Err(disagree(format!(
+                        "seed {} epoch {}, the checkpoint's seed {} epoch {}",
+                        dealt.plan.seed, dealt.plan.epoch, saved.plan.seed, saved.plan.epoch
+                    )));
+                }
+                match (saved.remaining_rows(), dealt.remaining_rows()) {
+                    (Some(left), Some(given)) if left == given => Ok(Some(dealt)),
+                    _ => Err(disagree(format!(
+                        "{} samples dealt, {} left in the checkpoint's epoch, or not the same ones",
+                        dealt.remaining(),
+                        saved.remaining()
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// Epoch `epoch`'s plan: the dealer's, checked to cover the dataset once at this world size, or
+/// computed here.
+async fn epoch_plan(settings: &FeedSettings, epoch: u64) -> Result<EpochPlan> {
+    let Some(dealer) = settings.dealer.clone() else {
+        return Ok(EpochPlan::new(
+            settings.stream.seed,
+            epoch,
+            settings.dataset.row_groups(),
+            settings.world_size,
+        )?);
+    };
+    let plan = tokio::task::spawn_blocking(move || dealer.epoch_plan(epoch))
+        .await
+        .map_err(|e| Error::Internal(format!("asking for epoch {epoch}'s plan: {e}")))??;
+    if (plan.seed, plan.epoch, plan.generation) != (settings.stream.seed, epoch, 0) {
+        return Err(Error::Internal(format!(
+            "the coordinator's plan for epoch {epoch} is seed {} epoch {} generation {}, expected seed {} epoch {epoch} generation 0",
+            plan.seed, plan.epoch, plan.generation, settings.stream.seed
+        )));
+    }
+    plan.check_covers(settings.dataset.row_groups(), settings.world_size)
+        .map_err(|e| Error::Internal(format!("the coordinator's plan: {e}")))?;
+    Ok(plan)
 }
 
 async fn produce(
@@ -206,15 +297,7 @@ async fn produce(
                 epoch = plan.epoch;
                 (plan, Some(cursors.swap_remove(settings.rank)))
             }
-            None => (
-                EpochPlan::new(
-                    settings.stream.seed,
-                    epoch,
-                    settings.dataset.row_groups(),
-                    settings.world_size,
-                )?,
-                None,
-            ),
+            None => (epoch_plan(&settings, epoch).await?, None),
         };
         let plan = Arc::new(plan);
         let mut loader = BatchLoader::open(

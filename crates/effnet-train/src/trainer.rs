@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub live: Option<LiveProgress>,
     /// How NCCL's unique id reaches the ranks (a coordinator's); `None`: `MASTER_ADDR:MASTER_PORT`.
     pub rendezvous: Option<std::sync::Arc<dyn effnet_collective::rendezvous::Rendezvous>>,
+    /// Where the data plans come from (a coordinator's deal); `None`: computed here.
+    pub dealer: Option<std::sync::Arc<dyn crate::feed::Dealer>>,
 }
 
 /// A sample a rank could not use, with why.
@@ -213,6 +215,7 @@ impl<'a> Training<'a> {
             },
             rank,
             world_size,
+            dealer: options.dealer.clone(),
         });
         let mut step = TrainStep::from_config(spec, rank, [spec.model.input_channels as i64, height, width]);
         step.sync_batch_norm = sync_batch_norm;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use effnet_config::JobSpec;
-use effnet_coordinator::protocol::{JobDetail, JobSummary};
+use effnet_coordinator::protocol::{JobDetail, JobStart, JobSummary};
 use effnet_coordinator::{Client, Settings, State};
 
 use crate::failure::bad_input;
@@ -87,6 +87,13 @@ pub struct SubmitArgs {
     job: PathBuf,
     #[command(flatten)]
     client: ClientArgs,
+    /// The first generation resumes from this checkpoint directory (a `step-NNNNNNNN` URL)
+    /// instead of the job's newest.
+    #[arg(long, value_name = "URL", conflicts_with = "fresh")]
+    resume: Option<String>,
+    /// The first generation starts from step 0 and deletes the job's existing checkpoints.
+    #[arg(long)]
+    fresh: bool,
     /// Print the coordinator's answer as JSON.
     #[arg(long)]
     json: bool,
@@ -175,14 +182,20 @@ async fn shutdown_signal() {
 }
 
 pub fn submit(args: SubmitArgs) -> Result<()> {
-    // The same reading and validation as `effnet run --check` (its spec part: the datasets
-    // may only be reachable from the workers), so the messages are the same.
+    // The same reading and validation as `effnet run --check` (its spec part: the datasets are
+    // read by the coordinator and the workers, which may see them where this machine does not),
+    // so the messages are the same.
     JobSpec::load(&args.job)?;
     let yaml =
         std::fs::read_to_string(&args.job).map_err(|error| bad_input!("{}: {error}", args.job.display()))?;
     let client = args.client.client()?;
     let source = source_name(&args.job);
-    let submitted = runtime()?.block_on(client.submit(&yaml, &source))?;
+    let start = match (args.resume, args.fresh) {
+        (Some(url), _) => JobStart::Checkpoint { url },
+        (None, true) => JobStart::Fresh,
+        (None, false) => JobStart::Latest,
+    };
+    let submitted = runtime()?.block_on(client.submit(&yaml, &source, &start))?;
     if args.json {
         out!("{}", serde_json::to_string_pretty(&submitted)?);
     } else {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use effnet_config::{Backend, JobSpec};
-use effnet_coordinator::protocol::{JobState, JobSummary, RestartRequest};
+use effnet_coordinator::protocol::{JobStart, JobState, JobSummary, RestartRequest};
 use effnet_coordinator::{Settings, State};
 
 use super::run::{Progress, TrainArgs};
@@ -65,7 +65,12 @@ pub fn launch(job_file: &Path, args: &TrainArgs, spec: &JobSpec) -> Result<()> {
         let _ = stopped.await;
     }));
     let outcome = (|| {
-        let id = job_id(&runtime, &state, &state_dir, job_file, spec)?;
+        let start = match (&args.resume, args.fresh) {
+            (Some(url), _) => JobStart::Checkpoint { url: url.clone() },
+            (None, true) => JobStart::Fresh,
+            (None, false) => JobStart::Latest,
+        };
+        let id = job_id(&runtime, &state, &state_dir, job_file, spec, start)?;
         let launcher = Launcher { url, id, token_file, backend, workers: spec.distributed.workers as usize };
         launcher.generations(&runtime, &state, args)
     })();
@@ -82,6 +87,7 @@ fn job_id(
     state_dir: &Path,
     job_file: &Path,
     spec: &JobSpec,
+    start: JobStart,
 ) -> Result<String> {
     let id_file = state_dir.join(JOB_ID_FILE);
     if let Ok(previous) = std::fs::read_to_string(&id_file)
@@ -93,7 +99,7 @@ fn job_id(
     }
     // The spec as JSON (which is YAML), overrides applied: every worker trains exactly this.
     let yaml = serde_json::to_string_pretty(spec).context("the job spec as JSON")?;
-    let submitted = runtime.block_on(state.submit(yaml, &job_file.display().to_string()))?;
+    let submitted = runtime.block_on(state.submit(yaml, &job_file.display().to_string(), start))?;
     std::fs::write(&id_file, &submitted.id).with_context(|| format!("writing {}", id_file.display()))?;
     Ok(submitted.id)
 }
@@ -109,10 +115,8 @@ struct Launcher {
 impl Launcher {
     /// Launch generations until the job is over.
     fn generations(&self, runtime: &tokio::runtime::Runtime, state: &State, args: &TrainArgs) -> Result<()> {
-        let mut first = true;
         loop {
-            let status = self.generation(args, first)?;
-            first = false;
+            let status = self.generation(args)?;
             let summary = runtime.block_on(state.job(&self.id))?.summary;
             match summary.state {
                 JobState::Succeeded => return Ok(()),
@@ -140,9 +144,9 @@ impl Launcher {
     }
 
     /// One generation's workers, until they have all exited.
-    fn generation(&self, args: &TrainArgs, first: bool) -> Result<ExitStatus> {
+    fn generation(&self, args: &TrainArgs) -> Result<ExitStatus> {
         let exe = std::env::current_exe().context("locating the effnet binary")?;
-        let worker_args = self.worker_args(args, first);
+        let worker_args = self.worker_args(args);
         match self.backend {
             Backend::Mpi => {
                 let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -206,9 +210,8 @@ impl Launcher {
         }
     }
 
-    /// A worker's arguments: the coordinator's job, and `--fresh`/`--resume` for the first
-    /// generation only (later ones resume from the coordinator's checkpoint).
-    fn worker_args(&self, args: &TrainArgs, first: bool) -> Vec<String> {
+    /// A worker's arguments: the coordinator's job (which says where each generation starts).
+    fn worker_args(&self, args: &TrainArgs) -> Vec<String> {
         let mut out = vec![
             "worker".to_string(),
             "--coordinator".into(),
@@ -218,14 +221,6 @@ impl Launcher {
             "--token-file".into(),
             self.token_file.display().to_string(),
         ];
-        if first {
-            if let Some(url) = &args.resume {
-                out.extend(["--resume".into(), url.clone()]);
-            }
-            if args.fresh {
-                out.push("--fresh".into());
-            }
-        }
         let progress = match args.progress {
             Progress::Auto => "auto",
             Progress::Always => "always",

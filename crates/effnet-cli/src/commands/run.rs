@@ -38,7 +38,8 @@ pub struct WorkerArgs {
     job: Option<PathBuf>,
     /// Join this coordinator's job (`--job ID`) instead of reading a job file: the coordinator
     /// hands out the spec, the rank and the resume checkpoint, and hears this worker's progress.
-    #[arg(long, value_name = "URL", requires = "job_id", conflicts_with_all = ["job", "set", "check"])]
+    /// Where each generation starts is the coordinator's to say (`effnet submit --fresh/--resume`).
+    #[arg(long, value_name = "URL", requires = "job_id", conflicts_with_all = ["job", "set", "check", "resume", "fresh"])]
     coordinator: Option<String>,
     /// The coordinator's job id (what `effnet submit` printed).
     #[arg(long = "job", value_name = "ID", requires = "coordinator")]
@@ -128,7 +129,7 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
     };
     let summary = effnet_train::run(
         &spec,
-        RunOptions { resume, progress: args.progress(), launch, live: None, rendezvous: None },
+        RunOptions { resume, progress: args.progress(), launch, live: None, rendezvous: None, dealer: None },
     )?;
     finish(&spec, &summary, &args);
     Ok(())

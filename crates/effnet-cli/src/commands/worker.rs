@@ -4,8 +4,9 @@
 //! 2. Join its forming generation, with the rank and world size the engine gave this process
 //!    (`RANK`/`WORLD_SIZE`, Slurm's `SLURM_PROCID`/`SLURM_NTASKS`, mpirun's `OMPI_COMM_WORLD_*`);
 //!    the coordinator refuses a rank that is taken or a world that is not the job's.
-//! 3. Heartbeat until the generation is complete (`train`), then train from the checkpoint the
-//!    coordinator chose for the generation, heartbeating from a thread with the step, loss,
+//! 3. Heartbeat until the generation is complete (`train`), then fetch the generation's
+//!    assignment (the checkpoint the coordinator chose and the rest of its epoch dealt to this
+//!    generation's ranks; new epochs' plans come from it too) and train, heartbeating from a thread with the step, loss,
 //!    throughput and every committed checkpoint (sent as soon as it is committed, so the
 //!    coordinator's resume point is current).
 //! 4. Leave: `finished`; `failed` on bad input (a restart would not cure it, exit 2); `restart`
@@ -25,8 +26,10 @@ use effnet_collective::rendezvous::Rendezvous;
 use effnet_config::JobSpec;
 use effnet_coordinator::Client;
 use effnet_coordinator::protocol::{
-    Action, CheckpointReport, HeartbeatAnswer, JoinRequest, LeaveOutcome, LeaveRequest, Progress,
+    Action, Assignment, CheckpointReport, HeartbeatAnswer, JoinRequest, LeaveOutcome, LeaveRequest, Progress,
+    StartPoint,
 };
+use effnet_train::feed::Dealer;
 use effnet_train::progress::{Live, LiveProgress};
 use effnet_train::{Launch, ResumeFrom, RunOptions};
 
@@ -93,16 +96,28 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
             Action::Stop => return Err(stopped(job_id, &answer)),
         }
     };
-    // The coordinator's checkpoint for the generation, or a newer one committed before its
-    // report arrived (rank 0 chooses, every rank loads its choice); without one (no checkpoint
-    // reported yet), what the engine asked for, else the job's newest committed checkpoint.
-    let resume = match (&answer.resume, &args.resume, args.fresh) {
-        (Some(checkpoint), _, _) => {
-            ResumeFrom::NewestSince { step: checkpoint.step, url: checkpoint.url.clone() }
+    // Where the generation starts and the rest of its epoch, dealt by the coordinator.
+    let assignment = match assignment(&runtime, &client, job_id, &worker) {
+        Ok(assignment) => assignment,
+        Err(error) => {
+            let bad = error.is_bad_input();
+            let outcome = if bad { LeaveOutcome::Failed } else { LeaveOutcome::Restart };
+            leave(&runtime, &client, job_id, &worker, outcome, &error.to_string());
+            return Err(if bad { bad_input!("{error}") } else { Restart(error.to_string()).into() });
         }
-        (None, Some(url), _) => ResumeFrom::Url(url.clone()),
-        (None, None, true) => ResumeFrom::Fresh,
-        (None, None, false) => ResumeFrom::Latest,
+    };
+    tracing::info!(job = job_id, generation = answer.generation, start = ?assignment.deal.start, "dealt");
+    let resume = match &assignment.deal.start {
+        StartPoint::Checkpoint { url, .. } => ResumeFrom::Url(url.clone()),
+        StartPoint::Fresh => ResumeFrom::Fresh,
+        StartPoint::Scratch => ResumeFrom::Scratch,
+    };
+    let dealer = CoordinatorDealer {
+        url: url.to_string(),
+        token: token.clone(),
+        job: job_id.to_string(),
+        worker: worker.clone(),
+        resumed: assignment.deal.data,
     };
     let live: LiveProgress = Arc::new(Mutex::new(Live::default()));
     let done = Arc::new(AtomicBool::new(false));
@@ -137,6 +152,7 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         launch,
         live: Some(live.clone()),
         rendezvous: Some(Arc::new(rendezvous)),
+        dealer: Some(Arc::new(dealer)),
     };
     let outcome = effnet_train::run(&spec, options);
     done.store(true, Ordering::SeqCst);
@@ -189,6 +205,26 @@ fn join(
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// The generation's assignment; while the coordinator cannot read the job's store (503) or
+/// cannot be reached, ask again for up to [`JOIN_PATIENCE`].
+fn assignment(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    job_id: &str,
+    worker: &str,
+) -> Result<Assignment, effnet_coordinator::ClientError> {
+    let started = Instant::now();
+    loop {
+        match runtime.block_on(client.assignment(job_id, worker)) {
+            Err(error) if !error.is_bad_input() && started.elapsed() < JOIN_PATIENCE => {
+                tracing::warn!(%error, "the coordinator could not deal the generation yet; asking again");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            outcome => return outcome,
         }
     }
 }
@@ -299,6 +335,44 @@ impl Rendezvous for CoordinatorRendezvous {
     }
 }
 
+/// The data plans from the coordinator: the rest of the resumed epoch from the assignment, and
+/// each new epoch's plan asked for when the feed reaches it (the trainer checks both).
+#[derive(Debug)]
+struct CoordinatorDealer {
+    url: String,
+    token: String,
+    job: String,
+    worker: String,
+    resumed: Option<effnet_data::DataCursor>,
+}
+
+impl Dealer for CoordinatorDealer {
+    fn resumed(&self) -> Option<effnet_data::DataCursor> {
+        self.resumed.clone()
+    }
+
+    fn epoch_plan(&self, epoch: u64) -> effnet_train::Result<effnet_data::EpochPlan> {
+        let fail = |error: &dyn std::fmt::Display| {
+            effnet_train::Error::Internal(format!("epoch {epoch}'s plan from the coordinator: {error}"))
+        };
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(&e))?;
+        let client = Client::new(&self.url, &self.token).map_err(|e| fail(&e))?;
+        let started = Instant::now();
+        loop {
+            match runtime.block_on(client.epoch_plan(&self.job, &self.worker, epoch)) {
+                Ok(plan) => return Ok(plan),
+                // Restarting, or its store is slow: ask again.
+                Err(error) if !error.is_bad_input() && started.elapsed() < JOIN_PATIENCE => {
+                    tracing::warn!(%error, epoch, "asking the coordinator for the epoch's plan again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(error) => return Err(fail(&error)),
+            }
+        }
+    }
+}
+
 fn progress(live: &LiveProgress) -> Progress {
     let live = live.lock().unwrap_or_else(PoisonError::into_inner).clone();
     Progress {
@@ -346,6 +420,7 @@ fn hostname() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use effnet_coordinator::protocol::JobStart;
     use effnet_coordinator::{Settings, State};
 
     const TOKEN: &str = "rendezvous-test-token";
@@ -359,7 +434,7 @@ mod tests {
             tokio::spawn(effnet_coordinator::run(listener, state, std::future::pending::<()>()));
             let client = Client::new(&url, TOKEN).unwrap();
             let yaml = "name: nccl\nmodel: {variant: b0}\ndata: {train: x}\ndistributed: {workers: 2}\n";
-            client.submit(yaml, "nccl.yaml").await.unwrap();
+            client.submit(yaml, "nccl.yaml", &JobStart::Latest).await.unwrap();
             let zero =
                 client.join("nccl-1", &JoinRequest { rank: Some(0), ..Default::default() }).await.unwrap();
             let one =

@@ -392,8 +392,12 @@ fn the_status_page_opens_in_chromium_by_its_view_url() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let api = effnet_coordinator::Client::new(&coordinator.url, TOKEN).unwrap();
     runtime.block_on(async {
-        api.submit(&yaml("fmnist"), "fmnist.yaml").await.unwrap();
-        api.submit(&yaml("queued"), "queued.yaml").await.unwrap();
+        api.submit(&yaml("fmnist"), "fmnist.yaml", &effnet_coordinator::protocol::JobStart::Latest)
+            .await
+            .unwrap();
+        api.submit(&yaml("queued"), "queued.yaml", &effnet_coordinator::protocol::JobStart::Latest)
+            .await
+            .unwrap();
         let zero = api.join("fmnist-1", &JoinRequest::default()).await.unwrap();
         api.join("fmnist-1", &JoinRequest::default()).await.unwrap();
         for step in 1..=12u64 {
