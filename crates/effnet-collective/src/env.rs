@@ -9,13 +9,17 @@ pub struct WorldInfo {
     pub world_size: usize,
     /// Rank among the processes of this node: the CUDA device this process drives.
     pub local_rank: usize,
-    /// Which variables it came from (`torchrun`, `slurm`, `openmpi`, or `single` when none).
+    /// Which variables it came from (`torchrun`, `kubernetes`, `slurm`, `openmpi`, or `single`
+    /// when none).
     pub source: &'static str,
 }
 
 /// The launchers we read, in order: (name, rank, world size, local rank).
-const LAUNCHERS: [(&str, &str, &str, &str); 3] = [
+const LAUNCHERS: [(&str, &str, &str, &str); 4] = [
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    // An Indexed Job's pod: its completion index is the rank; the manifest sets WORLD_SIZE to
+    // the Job's parallelism (one pod per GPU, so the local rank is 0).
+    ("kubernetes", "JOB_COMPLETION_INDEX", "WORLD_SIZE", "LOCAL_RANK"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
 ];
@@ -25,7 +29,8 @@ impl WorldInfo {
         WorldInfo { rank: 0, world_size: 1, local_rank: 0, source: "single" }
     }
 
-    /// `RANK`/`WORLD_SIZE`/`LOCAL_RANK` (torchrun and most launchers), else Slurm's
+    /// `RANK`/`WORLD_SIZE`/`LOCAL_RANK` (torchrun and most launchers), else a Kubernetes Indexed
+    /// Job's `JOB_COMPLETION_INDEX` with `WORLD_SIZE`, else Slurm's
     /// `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`, else Open MPI's `OMPI_COMM_WORLD_*`, else a
     /// world of one. A variable that is set but malformed is an error naming it.
     pub fn from_env() -> Result<WorldInfo> {
@@ -99,6 +104,28 @@ mod tests {
                 .unwrap();
         assert_eq!(ompi, WorldInfo { rank: 1, world_size: 2, local_rank: 0, source: "openmpi" });
         assert_eq!(WorldInfo::from_lookup(lookup(&[])).unwrap(), WorldInfo::single());
+    }
+
+    #[test]
+    fn a_kubernetes_indexed_job_gives_the_rank_by_its_completion_index() {
+        let pod =
+            WorldInfo::from_lookup(lookup(&[("JOB_COMPLETION_INDEX", "2"), ("WORLD_SIZE", "4")])).unwrap();
+        assert_eq!(pod, WorldInfo { rank: 2, world_size: 4, local_rank: 0, source: "kubernetes" });
+        // An explicit RANK wins; an index without WORLD_SIZE is no launcher of several.
+        let explicit = WorldInfo::from_lookup(lookup(&[
+            ("RANK", "1"),
+            ("JOB_COMPLETION_INDEX", "3"),
+            ("WORLD_SIZE", "4"),
+        ]))
+        .unwrap();
+        assert_eq!((explicit.rank, explicit.source), (1, "torchrun"));
+        assert_eq!(
+            WorldInfo::from_lookup(lookup(&[("JOB_COMPLETION_INDEX", "0")])).unwrap(),
+            WorldInfo::single()
+        );
+        let error = WorldInfo::from_lookup(lookup(&[("JOB_COMPLETION_INDEX", "4"), ("WORLD_SIZE", "4")]))
+            .unwrap_err();
+        assert_eq!(error.to_string(), "JOB_COMPLETION_INDEX/WORLD_SIZE: rank 4 does not fit a world of 4");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! 1. Read the job's spec from the coordinator (the YAML as submitted, validated here again).
 //! 2. Join its forming generation, with the rank and world size the engine gave this process
-//!    (`RANK`/`WORLD_SIZE`, Slurm's `SLURM_PROCID`/`SLURM_NTASKS`, mpirun's `OMPI_COMM_WORLD_*`);
+//!    (`RANK`/`WORLD_SIZE`, a Kubernetes Indexed Job's `JOB_COMPLETION_INDEX` with `WORLD_SIZE`,
+//!    Slurm's `SLURM_PROCID`/`SLURM_NTASKS`, mpirun's `OMPI_COMM_WORLD_*`);
 //!    the coordinator refuses a rank that is taken or a world that is not the job's.
 //! 3. Heartbeat until the generation is complete (`train`), then fetch the generation's
 //!    assignment (the checkpoint the coordinator chose and the rest of its epoch dealt to this
@@ -71,7 +72,7 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
     tracing::info!(job = job_id, worker = %worker, rank = joined.rank, generation = joined.generation, "joined");
     if !engine_given && joined.world_size > 1 {
         // The collective needs the engine's world (mpirun, srun, RANK/WORLD_SIZE).
-        let reason = "no launcher variables (RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE) for a job of several workers";
+        let reason = "no launcher variables (RANK/WORLD_SIZE, JOB_COMPLETION_INDEX/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE) for a job of several workers";
         leave(&runtime, &client, job_id, &worker, LeaveOutcome::Failed, reason);
         return Err(bad_input!("effnet worker: {reason}"));
     }

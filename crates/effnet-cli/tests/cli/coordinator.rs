@@ -18,17 +18,24 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(state_dir: &Path, token_file: &Path) -> Coordinator {
-        Coordinator::start_on("127.0.0.1:0", state_dir, token_file)
+        Coordinator::start_on("127.0.0.1:0", state_dir, token_file, &Default::default())
     }
 
-    /// On a given address, with a 5 s heartbeat timeout (workers heartbeat every second).
-    fn start_on(listen: &str, state_dir: &Path, token_file: &Path) -> Coordinator {
+    /// On a given address, with a 5 s heartbeat timeout (workers heartbeat every second) and
+    /// `envs` (the object store's credentials: it reads the job's data and checkpoints).
+    fn start_on(
+        listen: &str,
+        state_dir: &Path,
+        token_file: &Path,
+        envs: &std::collections::BTreeMap<String, String>,
+    ) -> Coordinator {
         let mut child = Command::new(env!("CARGO_BIN_EXE_effnet"))
             .args(["coordinator", "--heartbeat-timeout-s", "5", "--listen", listen, "--state-dir"])
             .arg(state_dir)
             .arg("--token-file")
             .arg(token_file)
             .env("RUST_LOG", "warn")
+            .envs(envs)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -236,7 +243,7 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
     let job_dir = dir.path().join("job");
     // A fixed address, so the restarted coordinator is where the workers look.
     let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let coordinator = Coordinator::start_on(&address, &state_dir, &token_file);
+    let coordinator = Coordinator::start_on(&address, &state_dir, &token_file, &server.env_vars());
     let submitted = client(&coordinator, &token_file, &["submit", yaml.to_str().unwrap()]);
     assert_eq!(submitted.code, 0, "{}", submitted.stderr);
     let id = submitted.stdout.trim().to_string();
@@ -246,7 +253,7 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
     let url = coordinator.url.clone();
     drop(coordinator); // SIGKILL
     std::thread::sleep(Duration::from_millis(1500));
-    let coordinator = Coordinator::start_on(&address, &state_dir, &token_file);
+    let coordinator = Coordinator::start_on(&address, &state_dir, &token_file, &server.env_vars());
     assert_eq!(coordinator.url, url);
 
     let output = workers.wait_with_output().unwrap();
@@ -261,6 +268,8 @@ fn workers_carry_on_through_a_coordinator_killed_and_restarted_mid_job() {
         (Some("succeeded"), Some(0)),
         "{detail}"
     );
+    // The coordinator dealt the generation (before its restart; the deal was kept).
+    assert_eq!(detail["generations"][0]["start"], serde_json::json!({"from": "scratch"}), "{detail}");
     let last = detail["last_checkpoint"]["step"].as_u64().unwrap();
     assert!(last > 16, "the checkpoints after the restart were reported: {detail}");
     // The progress history spans the coordinator's restart.
@@ -357,6 +366,13 @@ fn an_elastic_job_finishes_on_two_workers_after_losing_one_of_three() {
     assert_eq!((starts[1]["world_size"].as_u64(), starts[1]["redealt"].as_bool()), (Some(2), Some(true)));
     let resumed_step = starts[1]["step"].as_u64().unwrap();
     assert!(resumed_step >= 16, "resumed at step {resumed_step}");
+    // The coordinator chose that checkpoint and re-dealt its epoch to the 2 workers.
+    let checkpoint = job_dir.join("checkpoints").join(format!("step-{resumed_step:08}"));
+    assert_eq!(
+        detail["generations"][1]["start"],
+        serde_json::json!({"from": "checkpoint", "step": resumed_step, "url": checkpoint.display().to_string()}),
+        "{detail}"
+    );
     assert_resumed_epoch_exactly_once(&job_dir, resumed_step);
     coordinator.terminate();
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
 use crate::common::{
-    effnet, run_and_kill_after, sample_lines, synthetic_dataset_at, synthetic_dataset_with_corrupt,
+    effnet, fashion_mnist_subset_at, run_and_kill_after, sample_lines, synthetic_dataset_with_corrupt,
     wait_for_commit, worker_processes,
 };
 
@@ -237,11 +237,14 @@ fn killed_mid_epoch_and_resumed_on_three_ranks_is_exactly_once() {
 }
 
 /// The exactly-once dataset in the S3 server's bucket under `train/`.
+/// The S3 server on loopback holding `train`: the first [`SAMPLES`] Fashion-MNIST training
+/// images, the [`CORRUPT`] ones replaced by bytes that are no image (same keys as
+/// [`data_dir`]'s).
 pub(crate) fn s3_data() -> effnet_store::testing::S3TestServer {
     let server =
         effnet_store::testing::S3TestServer::start().expect("S3 test server (run `make venv-reference`)");
     let location = server.open("train").unwrap();
-    synthetic_dataset_at(location, SAMPLES, 0, ROWS_PER_GROUP, &CORRUPT);
+    fashion_mnist_subset_at(location, SAMPLES, ROWS_PER_GROUP, &CORRUPT);
     server
 }
 

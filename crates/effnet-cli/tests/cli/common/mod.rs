@@ -133,6 +133,47 @@ pub fn synthetic_dataset_at(
     });
 }
 
+/// Debian's Fashion-MNIST (`dataset-fashion-mnist`, installed by the set-up as root).
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The first `samples` Fashion-MNIST training images (28×28 grey PNG, their labels and the ten
+/// class names) in an opened store location, keys `s0-{i:04}`; the samples at `corrupt`
+/// positions hold bytes that are no image (keys `s0-{i:04}-corrupt`).
+pub fn fashion_mnist_subset_at(
+    location: effnet_store::StoreLocation,
+    samples: usize,
+    rows_per_group: usize,
+    corrupt: &[usize],
+) {
+    use effnet_data::prepare::{idx_pair, read_idx_images, read_idx_labels};
+    let (images, labels) = idx_pair(&format!("{FASHION_MNIST}/train")).expect(
+        "Debian's dataset-fashion-mnist is not installed; run scripts/bootstrap.sh as root (it installs it)",
+    );
+    let images = read_idx_images(&images).unwrap();
+    let labels = read_idx_labels(&labels).unwrap();
+    assert!(samples <= images.count);
+    let pixels = images.rows * images.columns;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let classes = effnet_data::prepare::FASHION_MNIST_CLASSES.iter().map(|c| c.to_string()).collect();
+        let options = WriterOptions { rows_per_group, groups_per_part: 4 };
+        let mut writer =
+            DatasetWriter::create(location, "fashion-mnist/subset", classes, options).await.unwrap();
+        for i in 0..samples {
+            let label = labels[i] as i32;
+            if corrupt.contains(&i) {
+                let bytes = b"\x89PNG but not really an image".to_vec();
+                writer.push(format!("s0-{i:04}-corrupt"), bytes, label).await.unwrap();
+                continue;
+            }
+            let image = &images.pixels[i * pixels..(i + 1) * pixels];
+            let png = encode_grey_png(image, images.columns as u32, images.rows as u32).unwrap();
+            writer.push(format!("s0-{i:04}"), png, label).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+    });
+}
+
 /// Every (attempt, step, rank, keys) line of the job's sample-key files.
 pub fn sample_lines(job_dir: &Path) -> Vec<(u64, u64, u64, Vec<String>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(job_dir)
