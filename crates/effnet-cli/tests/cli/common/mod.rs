@@ -159,8 +159,8 @@ pub fn fashion_mnist_subset_at(
         let options = WriterOptions { rows_per_group, groups_per_part: 4 };
         let mut writer =
             DatasetWriter::create(location, "fashion-mnist/subset", classes, options).await.unwrap();
-        for i in 0..samples {
-            let label = labels[i] as i32;
+        for (i, label) in labels.iter().take(samples).enumerate() {
+            let label = i32::from(*label);
             if corrupt.contains(&i) {
                 let bytes = b"\x89PNG but not really an image".to_vec();
                 writer.push(format!("s0-{i:04}-corrupt"), bytes, label).await.unwrap();
