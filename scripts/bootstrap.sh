@@ -19,9 +19,11 @@ PY="${PYTHON:-python3}"
 TORCH_VERSION="2.11.0"
 TORCHVISION_VERSION="0.26.0"
 TIMM_VERSION="1.0.31"
-# Python side of tests and benchmarks: the S3 test server, the data-loader baseline and the
-# photographs that seed the JPEG benchmark corpus.
-REFERENCE_EXTRAS=("moto[server]==5.2.5" "pillow==13.0.0" "pyarrow==26.0.1" "scikit-image==0.26.0")
+# Python side of tests and benchmarks: the S3 test server, the data-loader baseline, the
+# photographs that seed the JPEG benchmark corpus, and the Kubernetes schemas infra/k8s is
+# validated against offline.
+REFERENCE_EXTRAS=("moto[server]==5.2.5" "pillow==13.0.0" "pyarrow==26.0.1" "scikit-image==0.26.0"
+  "kubernetes-validate==1.33.1")
 # The two CUDA wheels libtorch_cpu.so links against, even on CPU-only machines.
 CPU_EXTRA=("nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cupti==13.0.85")
 FLAVOUR="${EFFNET_TORCH:-cpu}"
@@ -54,8 +56,8 @@ fi
 if [[ $WANT_REFERENCE == 1 ]]; then
   # Python's `import torch` loads cuDNN, cuBLAS, ... so the reference stack needs torch's
   # full dependency set. pip keeps torch itself and only adds what is missing.
-  if ! "$VENV/bin/python" -c "import torch, torchvision, timm, safetensors, numpy, moto, PIL, pyarrow, skimage" 2>/dev/null; then
-    log "installing the Python reference stack (torchvision, timm, full torch deps, moto, pillow, pyarrow, scikit-image)"
+  if ! "$VENV/bin/python" -c "import torch, torchvision, timm, safetensors, numpy, moto, PIL, pyarrow, skimage, kubernetes_validate" 2>/dev/null; then
+    log "installing the Python reference stack (torchvision, timm, full torch deps, moto, pillow, pyarrow, scikit-image, kubernetes-validate)"
     "${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
       "timm==$TIMM_VERSION" safetensors numpy "${REFERENCE_EXTRAS[@]}"
   fi
@@ -80,10 +82,11 @@ fi
 
 # Debian packages: Fashion-MNIST for the demo and tests, Open MPI (CPU collectives; the `mpi`
 # crate builds its bindings with libclang), for the tests headless Chromium (the report's HTML
-# is opened in it), plus any named in EFFNET_APT_PACKAGES.
+# is opened in it) and Slurm with munge (a real cluster on loopback runs infra/slurm/effnet.sbatch),
+# plus any named in EFFNET_APT_PACKAGES.
 # Installed only when root; otherwise a missing one is reported by whatever needs it.
 APT_PACKAGES="dataset-fashion-mnist openmpi-bin libopenmpi-dev libclang-dev pkg-config ${EFFNET_APT_PACKAGES:-}"
-[[ $WANT_REFERENCE == 1 ]] && APT_PACKAGES+=" chromium"
+[[ $WANT_REFERENCE == 1 ]] && APT_PACKAGES+=" chromium slurm-wlm munge"
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
   for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -54,6 +54,9 @@ enum Command {
     Status(commands::coordinator::StatusArgs),
     /// Cancel a job on the coordinator; its workers are told to stop.
     Cancel(commands::coordinator::CancelArgs),
+    /// For engines: the job's workers failed; end its generation now so the next launch
+    /// restarts it (`--give-up`: fail the job).
+    Restart(commands::coordinator::RestartArgs),
     /// A job's newest progress records (step, epoch, throughput, loss per rank) from the coordinator.
     Logs(commands::coordinator::LogsArgs),
     /// Evaluate a committed checkpoint on a dataset: top-1/top-5, loss, per-class accuracy,
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => commands::coordinator::submit(args),
         Command::Status(args) => commands::coordinator::status(args),
         Command::Cancel(args) => commands::coordinator::cancel(args),
+        Command::Restart(args) => commands::coordinator::restart(args),
         Command::Logs(args) => commands::coordinator::logs(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Report(args) => commands::report::run(args),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use effnet_config::JobSpec;
-use effnet_coordinator::protocol::{JobDetail, JobStart, JobSummary};
+use effnet_coordinator::protocol::{JobDetail, JobStart, JobSummary, StartPoint};
 use effnet_coordinator::{Client, Settings, State};
 
 use crate::failure::bad_input;
@@ -105,6 +105,25 @@ pub struct StatusArgs {
     job: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
+    #[arg(long)]
+    json: bool,
+    /// Print only the job's state (`queued`, `running`, `succeeded`, `failed`, `cancelled`),
+    /// for scripts such as an engine's relaunch loop.
+    #[arg(long, requires = "job", conflicts_with = "json")]
+    state: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    job: String,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Why, recorded as the generation's end reason.
+    #[arg(long, default_value = "its workers failed")]
+    reason: String,
+    /// The workers failed on bad input and will not be relaunched: fail the job instead.
+    #[arg(long)]
+    give_up: bool,
     #[arg(long)]
     json: bool,
 }
@@ -222,7 +241,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
         }
         Some(id) => {
             let detail = runtime.block_on(client.job(id))?;
-            if args.json {
+            if args.state {
+                out!("{}", detail.summary.state);
+            } else if args.json {
                 out!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
                 print_job(&detail);
@@ -239,6 +260,25 @@ pub fn cancel(args: CancelArgs) -> Result<()> {
         out!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         out!("{} {}", summary.id, summary.state);
+    }
+    Ok(())
+}
+
+/// An engine saw the job's workers fail: end its generation now (the next launch forms the next
+/// one, a restart), or with `--give-up` fail the job.
+pub fn restart(args: RestartArgs) -> Result<()> {
+    let client = args.client.client()?;
+    let summary = runtime()?.block_on(client.restart(&args.job, &args.reason, args.give_up))?;
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        out!(
+            "{} {} (restarts {} of at most {})",
+            summary.id,
+            summary.state,
+            summary.restarts,
+            summary.max_restarts
+        );
     }
     Ok(())
 }
@@ -319,8 +359,14 @@ fn print_job(detail: &JobDetail) {
         out!("last checkpoint  step {} at {}", checkpoint.step, checkpoint.url);
     }
     for generation in &detail.generations {
+        let start = match &generation.start {
+            None => String::new(),
+            Some(StartPoint::Scratch) => ", from step 0".to_string(),
+            Some(StartPoint::Fresh) => ", fresh from step 0".to_string(),
+            Some(StartPoint::Checkpoint { step, .. }) => format!(", from step {step}"),
+        };
         out!(
-            "generation {:<5} {} ({} ranks){}",
+            "generation {:<5} {} ({} ranks{start}){}",
             generation.number,
             generation.state.as_str(),
             generation.world_size,

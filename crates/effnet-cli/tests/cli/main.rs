@@ -16,5 +16,6 @@ mod exactly_once;
 mod overrides;
 mod parity;
 mod report;
+mod slurm;
 mod train;
 mod variants;
