@@ -110,6 +110,8 @@ struct SubmitQuery {
     start: Option<String>,
     /// The first generation resumes from this checkpoint directory.
     resume: Option<String>,
+    /// Idempotency key: a second submission with it answers the first one's job.
+    key: Option<String>,
 }
 
 fn query<T>(query: Result<Query<T>, QueryRejection>) -> Answer<T> {
@@ -131,11 +133,11 @@ async fn submit(
         }
         _ => return Err(Error::bad_request("give start=fresh or resume=URL, not both")),
     };
-    let source = submit_query.source.unwrap_or_else(|| "job.yaml".to_string());
+    let source = submit_query.source.clone().unwrap_or_else(|| "job.yaml".to_string());
     let bytes = body(&state, bytes)?;
     let yaml = String::from_utf8(bytes.to_vec())
         .map_err(|error| Error::bad_request(format!("{source}: the job YAML is not UTF-8: {error}")))?;
-    let submitted = state.submit(yaml, &source, start).await?;
+    let submitted = state.submit(yaml, &source, start, submit_query.key).await?;
     tracing::info!(job = %submitted.id, "job submitted");
     Ok((StatusCode::CREATED, Json(submitted)))
 }

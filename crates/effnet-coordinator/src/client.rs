@@ -105,7 +105,22 @@ impl Client {
     /// Submits job YAML; `source_name` names it in validation errors (the file name); `start`
     /// is where its first generation starts.
     pub async fn submit(&self, yaml: &str, source_name: &str, start: &JobStart) -> ClientResult<Submitted> {
+        self.submit_keyed(yaml, source_name, start, None).await
+    }
+
+    /// [`Client::submit`] with an idempotency key: submitting the same YAML with the same key
+    /// again answers the job the first submission made (a different YAML is a 409).
+    pub async fn submit_keyed(
+        &self,
+        yaml: &str,
+        source_name: &str,
+        start: &JobStart,
+        key: Option<&str>,
+    ) -> ClientResult<Submitted> {
         let mut path = format!("/v1/jobs?source={}", encode(source_name));
+        if let Some(key) = key {
+            path.push_str(&format!("&key={}", encode(key)));
+        }
         match start {
             JobStart::Latest => {}
             JobStart::Fresh => path.push_str("&start=fresh"),

@@ -142,7 +142,20 @@ impl State {
 
     /// Validates the job YAML exactly as `effnet run --check` validates a spec (effnet-config,
     /// errors named after `source_name`) and stores it as a queued job.
-    pub async fn submit(&self, yaml: String, source_name: &str, start: JobStart) -> Result<Submitted> {
+    /// With a `key`, submitting again (the same YAML) answers the job the first submission made:
+    /// every pod of a Kubernetes Job can submit with the Job's uid, and one job is stored.
+    pub async fn submit(
+        &self,
+        yaml: String,
+        source_name: &str,
+        start: JobStart,
+        key: Option<String>,
+    ) -> Result<Submitted> {
+        if let Some(key) = &key
+            && (key.is_empty() || key.len() > 200 || key.chars().any(|c| c.is_control()))
+        {
+            return Err(Error::bad_request("key: 1 to 200 printable characters"));
+        }
         let spec = JobSpec::from_yaml_str(&yaml, source_name)
             .map_err(|error| Error::bad_request(error.to_string()))?;
         let spec_json = serde_json::to_value(&spec)
@@ -155,6 +168,7 @@ impl State {
             max_restarts: spec.distributed.max_restarts,
             min_workers: spec.min_workers(),
             start,
+            key,
         };
         let now = now();
         self.store.call(move |db| store::insert_job(db, &job, now)).await

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     max_restarts INTEGER NOT NULL,
     min_workers INTEGER NOT NULL,
     start TEXT NOT NULL,
+    key TEXT UNIQUE,
     reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -460,17 +461,36 @@ pub(crate) struct NewJob {
     pub max_restarts: u32,
     pub min_workers: u32,
     pub start: JobStart,
+    /// The submitter's idempotency key: a second submission with it gets the same job.
+    pub key: Option<String>,
 }
 
+/// Stores a new job; with a key another submission already used, answers that job instead
+/// (its YAML must be the same).
 pub(crate) fn insert_job(connection: &Connection, job: &NewJob, now: f64) -> Result<Submitted> {
+    if let Some(key) = &job.key {
+        let existing: Option<(String, String, String, String)> =
+            query_row(connection, "SELECT id, name, state, yaml FROM jobs WHERE key = ?1", [key], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .optional()?;
+        if let Some((id, name, state, yaml)) = existing {
+            if yaml != job.yaml {
+                return Err(Error::conflict(format!(
+                    "key {key} was used for job {id}, submitted with another job file"
+                )));
+            }
+            return Ok(Submitted { id, name, state: parse(state)? });
+        }
+    }
     let start = serde_json::to_string(&job.start).map_err(|e| Error::Internal { message: e.to_string() })?;
     let seq: i64 = query_row(connection, "SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |row| row.get(0))?;
     let id = format!("{}-{seq}", job.name);
     execute(
         connection,
         "INSERT INTO jobs (seq, id, name, yaml, spec, world_size, state, restarts, max_restarts, min_workers,
-             start, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?11, ?10, ?10)",
+             start, key, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?11, ?12, ?10, ?10)",
         params![
             seq,
             id,
@@ -482,7 +502,8 @@ pub(crate) fn insert_job(connection: &Connection, job: &NewJob, now: f64) -> Res
             job.max_restarts,
             job.min_workers,
             now,
-            start
+            start,
+            job.key
         ],
     )?;
     Ok(Submitted { id, name: job.name.clone(), state: JobState::Queued })

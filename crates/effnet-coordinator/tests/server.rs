@@ -610,7 +610,7 @@ async fn a_worker_silent_past_the_timeout_expires_and_ends_its_generation() {
     };
     let server = Server::start(dir.path(), settings).await;
     let state = Arc::clone(&server.state);
-    state.submit(job_yaml("demo", 2), "demo.yaml", JobStart::Latest).await.unwrap();
+    state.submit(job_yaml("demo", 2), "demo.yaml", JobStart::Latest, None).await.unwrap();
     let first = state.join("demo-1", JoinRequest::default()).await.unwrap();
     let second = state.join("demo-1", JoinRequest::default()).await.unwrap();
     assert_eq!(state.watched(), 2);
@@ -676,4 +676,37 @@ async fn a_state_directory_of_another_schema_is_refused() {
     let fresh = tempfile::tempdir().unwrap();
     drop(State::open(fresh.path(), TOKEN, Settings::default()).await.unwrap());
     State::open(fresh.path(), TOKEN, Settings::default()).await.unwrap();
+}
+
+/// A submission with a key is idempotent: every pod of a Kubernetes Job submits the job file with
+/// the Job's uid and they all get the one job; the same key with another YAML is refused.
+#[tokio::test]
+async fn submissions_with_the_same_key_get_the_same_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Settings::default()).await;
+    let client = server.client();
+    let yaml = job_yaml("demo", 2);
+    let first = client.submit_keyed(&yaml, "demo.yaml", &JobStart::Latest, Some("uid-1")).await.unwrap();
+    let again = client.submit_keyed(&yaml, "demo.yaml", &JobStart::Latest, Some("uid-1")).await.unwrap();
+    assert_eq!((first.id.as_str(), again.id.as_str()), ("demo-1", "demo-1"));
+    let other = client.submit_keyed(&yaml, "demo.yaml", &JobStart::Latest, Some("uid-2")).await.unwrap();
+    let unkeyed = client.submit(&yaml, "demo.yaml", &JobStart::Latest).await.unwrap();
+    assert_eq!((other.id.as_str(), unkeyed.id.as_str()), ("demo-2", "demo-3"));
+    // Still the same job once it runs.
+    client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    let running = client.submit_keyed(&yaml, "demo.yaml", &JobStart::Latest, Some("uid-1")).await.unwrap();
+    assert_eq!((running.id.as_str(), running.state), ("demo-1", JobState::Running));
+
+    let changed = job_yaml("demo", 3);
+    let error =
+        client.submit_keyed(&changed, "demo.yaml", &JobStart::Latest, Some("uid-1")).await.unwrap_err();
+    assert_eq!(
+        rejected(error),
+        (409, "key uid-1 was used for job demo-1, submitted with another job file".into())
+    );
+    let error = client.submit_keyed(&yaml, "demo.yaml", &JobStart::Latest, Some("\u{7}")).await.unwrap_err();
+    assert_eq!(rejected(error), (400, "key: 1 to 200 printable characters".into()));
+    assert_eq!(client.jobs().await.unwrap().len(), 3, "nothing else was stored");
+    server.stop().await;
 }

@@ -94,6 +94,10 @@ pub struct SubmitArgs {
     /// The first generation starts from step 0 and deletes the job's existing checkpoints.
     #[arg(long)]
     fresh: bool,
+    /// Idempotency key: submitting the same file with the same key again prints the first
+    /// submission's job id instead of adding a job.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
     /// Print the coordinator's answer as JSON.
     #[arg(long)]
     json: bool,
@@ -214,7 +218,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         (None, true) => JobStart::Fresh,
         (None, false) => JobStart::Latest,
     };
-    let submitted = runtime()?.block_on(client.submit(&yaml, &source, &start))?;
+    let submitted = runtime()?.block_on(client.submit_keyed(&yaml, &source, &start, args.key.as_deref()))?;
     if args.json {
         out!("{}", serde_json::to_string_pretty(&submitted)?);
     } else {
@@ -262,6 +266,18 @@ pub fn cancel(args: CancelArgs) -> Result<()> {
         out!("{} {}", summary.id, summary.state);
     }
     Ok(())
+}
+
+/// `effnet worker --job-file F --key K`: the job file checked like `effnet submit` checks it and
+/// submitted with the key (idempotent); the job's id.
+pub(crate) fn submit_keyed(url: &str, token: &TokenArgs, job: &std::path::Path, key: &str) -> Result<String> {
+    JobSpec::load(job)?;
+    let yaml = std::fs::read_to_string(job).map_err(|error| bad_input!("{}: {error}", job.display()))?;
+    let client = Client::new(url, &token.token()?)?;
+    let submitted =
+        runtime()?.block_on(client.submit_keyed(&yaml, &source_name(job), &JobStart::Latest, Some(key)))?;
+    tracing::info!(job = %submitted.id, key, "job file submitted (or found by its key)");
+    Ok(submitted.id)
 }
 
 /// An engine saw the job's workers fail: end its generation now (the next launch forms the next

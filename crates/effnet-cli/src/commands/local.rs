@@ -99,7 +99,7 @@ fn job_id(
     }
     // The spec as JSON (which is YAML), overrides applied: every worker trains exactly this.
     let yaml = serde_json::to_string_pretty(spec).context("the job spec as JSON")?;
-    let submitted = runtime.block_on(state.submit(yaml, &job_file.display().to_string(), start))?;
+    let submitted = runtime.block_on(state.submit(yaml, &job_file.display().to_string(), start, None))?;
     std::fs::write(&id_file, &submitted.id).with_context(|| format!("writing {}", id_file.display()))?;
     Ok(submitted.id)
 }

@@ -36,14 +36,22 @@ pub struct WorkerArgs {
     /// without a coordinator.
     #[arg(required_unless_present = "coordinator")]
     job: Option<PathBuf>,
-    /// Join this coordinator's job (`--job ID`) instead of reading a job file: the coordinator
-    /// hands out the spec, the rank and the resume checkpoint, and hears this worker's progress.
-    /// Where each generation starts is the coordinator's to say (`effnet submit --fresh/--resume`).
-    #[arg(long, value_name = "URL", requires = "job_id", conflicts_with_all = ["job", "set", "check", "resume", "fresh"])]
+    /// Join this coordinator's job (`--job ID`, or `--job-file F --key K`) instead of reading a
+    /// job file: the coordinator hands out the spec, the rank, the resume checkpoint and the
+    /// data plans, and hears this worker's progress. Where each generation starts is the
+    /// coordinator's to say (`effnet submit --fresh/--resume`).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["job", "set", "check", "resume", "fresh"])]
     coordinator: Option<String>,
     /// The coordinator's job id (what `effnet submit` printed).
-    #[arg(long = "job", value_name = "ID", requires = "coordinator")]
+    #[arg(long = "job", value_name = "ID", requires = "coordinator", conflicts_with = "job_file")]
     job_id: Option<String>,
+    /// Submit this job file to the coordinator, then join it: every worker submitting it with
+    /// the same `--key` gets the one job (a Kubernetes Job's pods pass the Job's uid).
+    #[arg(long, value_name = "FILE", requires_all = ["coordinator", "key"])]
+    job_file: Option<PathBuf>,
+    /// The idempotency key of `--job-file`'s submission.
+    #[arg(long, value_name = "KEY", requires = "job_file")]
+    key: Option<String>,
     #[command(flatten)]
     token: super::coordinator::TokenArgs,
     #[command(flatten)]
@@ -90,10 +98,18 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// `effnet worker JOB.yaml` (one rank of a launched group) or `effnet worker --coordinator URL
 /// --job ID` (a coordinator's worker).
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    match (args.job, args.coordinator, args.job_id) {
-        (_, Some(url), Some(job_id)) => super::worker::coordinated(&url, &job_id, &args.token, &args.train),
-        (Some(job), _, _) => train(RunArgs { job, train: args.train }, Launch::Worker),
-        _ => Err(bad_input!("effnet worker needs a job file, or --coordinator URL --job ID")),
+    match (args.job, args.coordinator, args.job_id, args.job_file, args.key) {
+        (_, Some(url), Some(job_id), _, _) => {
+            super::worker::coordinated(&url, &job_id, &args.token, &args.train)
+        }
+        (_, Some(url), None, Some(file), Some(key)) => {
+            let job_id = super::coordinator::submit_keyed(&url, &args.token, &file, &key)?;
+            super::worker::coordinated(&url, &job_id, &args.token, &args.train)
+        }
+        (Some(job), None, ..) => train(RunArgs { job, train: args.train }, Launch::Worker),
+        _ => Err(bad_input!(
+            "effnet worker needs a job file, or --coordinator URL with --job ID or --job-file FILE --key KEY"
+        )),
     }
 }
 

@@ -9,15 +9,15 @@ use crate::common::{Outcome, assert_bad_input, effnet_with_env};
 const TOKEN: &str = "cli-test-token";
 
 /// A running `effnet coordinator`; killed when dropped.
-struct Coordinator {
+pub(crate) struct Coordinator {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     /// The status page's URL for browsers (`/view/KEY/`), from the second line.
     page: String,
 }
 
 impl Coordinator {
-    fn start(state_dir: &Path, token_file: &Path) -> Coordinator {
+    pub(crate) fn start(state_dir: &Path, token_file: &Path) -> Coordinator {
         Coordinator::start_on("127.0.0.1:0", state_dir, token_file, &Default::default())
     }
 
@@ -74,7 +74,7 @@ impl Drop for Coordinator {
     }
 }
 
-fn client(coordinator: &Coordinator, token_file: &Path, args: &[&str]) -> Outcome {
+pub(crate) fn client(coordinator: &Coordinator, token_file: &Path, args: &[&str]) -> Outcome {
     let mut all: Vec<&str> = args.to_vec();
     let token_file = token_file.to_str().unwrap();
     all.extend(["--coordinator", &coordinator.url, "--token-file", token_file]);
