@@ -21,6 +21,9 @@ use crate::integers;
 pub struct JobSpec {
     /// Names the job; `[A-Za-z0-9._-]+` so it can be a directory name.
     pub name: String,
+    /// What is trained and why, in the job's own words: shown at the head of its report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// Where checkpoints and reports go by default; `runs/<name>` when unset.
     #[serde(default)]
     pub job_dir: Option<String>,

@@ -65,6 +65,7 @@ fn every_shipped_config_parses() {
         "b6.yaml",
         "b7.yaml",
         "fashion-mnist-b0.yaml",
+        "fashion-mnist.yaml",
     ];
     assert_eq!(names, expected);
 }
@@ -353,7 +354,7 @@ fn malformed_yaml_names_the_line_and_column() {
 fn unknown_keys_are_rejected_at_the_key() {
     let message = located("name: demo\nmodle:\n  variant: b0\ndata:\n  train: x\n", 2, 1, "modle");
     assert!(
-        message.starts_with("unknown field, expected one of name, job_dir, seed, model, data,"),
+        message.starts_with("unknown field, expected one of name, description, job_dir, seed, model, data,"),
         "{message}"
     );
     let message =

@@ -21,6 +21,9 @@ pub const MAX_POINTS: usize = 500;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobReport {
     pub name: String,
+    /// The job file's `description`: what was trained and why.
+    #[serde(default)]
+    pub description: Option<String>,
     pub dir: String,
     pub status: String,
     pub finished: bool,
@@ -345,6 +348,7 @@ pub fn load(dir: &Path) -> Result<JobReport> {
     };
     Ok(JobReport {
         name: spec["name"].as_str().or(plan["job"].as_str()).unwrap_or("job").to_string(),
+        description: spec["description"].as_str().map(|d| d.split_whitespace().collect::<Vec<_>>().join(" ")),
         dir: dir.display().to_string(),
         status,
         finished,

@@ -548,6 +548,9 @@ fn blocks(report: &Report, charts: &[Chart]) -> Vec<Block> {
     ];
     for job in &report.jobs {
         blocks.push(Block::Heading(2, format!("Job {}", job.name), Some(job.dir.clone())));
+        if let Some(description) = &job.description {
+            blocks.push(Block::Text(format!("What was trained, and why: {description}")));
+        }
         blocks.push(Block::Table(summary_table(job)));
         if !job.evals.is_empty() {
             blocks.push(Block::Heading(3, "Evaluations during training".into(), None));

@@ -8,7 +8,7 @@ use serde_json::json;
 
 fn write_job(dir: &Path, classes: u32, val: &str) {
     let job = json!({
-        "spec": {"name": "hand", "model": {"drop_path": {"rate": 0.2}}, "data": {"train": "/data/train", "val": "/data/val"}},
+        "spec": {"name": "hand", "description": "A hand-made job:\n  B0 on <four> classes.", "model": {"drop_path": {"rate": 0.2}}, "data": {"train": "/data/train", "val": "/data/val"}},
         "plan": {
             "job": "hand", "steps_per_epoch": 4, "total_steps": 8, "global_batch": 16, "resolution": 224,
             "multiply_adds": 390_000_000u64, "train_dataset": "train set", "val_dataset": val,
@@ -103,6 +103,9 @@ fn attempts_time_lost_and_throughput_by_hand() {
         assert!(text.contains("8.0 s"), "time lost");
         assert!(text.contains("val set (4 classes)"));
     }
+    // The job's description, on one line (HTML-escaped there).
+    assert!(markdown.contains("What was trained, and why: A hand-made job: B0 on <four> classes."));
+    assert!(html.contains("<p>What was trained, and why: A hand-made job: B0 on &lt;four&gt; classes.</p>"));
 }
 
 #[test]
