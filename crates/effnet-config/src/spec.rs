@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use effnet_scaling::{CompoundCoefficients, Scaling, compound_scaling};
+use effnet_scaling::{CompoundCoefficients, Scaling, compound_scaling, multiplier_scaling};
 // The variant, BatchNorm style and classifier init are the model's own types, shared through
 // effnet-scaling (re-exported from this crate under the same names), so nothing translates them.
 pub use effnet_scaling::{BatchNormStyle, ClassifierInit, Variant};
@@ -106,7 +106,8 @@ impl Span {
     }
 }
 
-/// Which network to build. Exactly one of `variant` and `phi` is set.
+/// Which network to build. Exactly one of `variant`, `phi`, and the multipliers `width`/`depth`
+/// is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -117,6 +118,10 @@ pub struct ModelConfig {
     pub alpha: f64,
     pub beta: f64,
     pub gamma: f64,
+    /// A custom member by its multipliers: B0's channels times `width` and repeats times
+    /// `depth` (either alone leaves the other at 1), at `resolution` (224 when unset).
+    pub width: Option<f64>,
+    pub depth: Option<f64>,
     /// Output classes; `None` takes the count from the dataset's manifest.
     #[serde(deserialize_with = "integers::positive_u32_opt")]
     pub classes: Option<u32>,
@@ -153,6 +158,8 @@ impl Default for ModelConfig {
             alpha: paper.alpha,
             beta: paper.beta,
             gamma: paper.gamma,
+            width: None,
+            depth: None,
             classes: None,
             input_channels: 3,
             resolution: None,
@@ -179,6 +186,9 @@ impl ModelConfig {
         match (self.variant, self.phi) {
             (Some(variant), _) => Ok(variant.scaling()),
             (None, Some(phi)) => compound_scaling(phi, self.coefficients()),
+            (None, None) if self.width.is_some() || self.depth.is_some() => {
+                multiplier_scaling(self.width.unwrap_or(1.0), self.depth.unwrap_or(1.0))
+            }
             (None, None) => Ok(Variant::B0.scaling()),
         }
     }

@@ -2,7 +2,7 @@
 //! settings that need another one. Each failure names the field path and is located at the
 //! offending value through the [`SourceMap`], or at its section when the value was defaulted.
 
-use effnet_scaling::{MAX_PHI, MIN_COEFFICIENT, MIN_PHI};
+use effnet_scaling::{MAX_MULTIPLIER, MAX_PHI, MIN_COEFFICIENT, MIN_MULTIPLIER, MIN_PHI};
 
 use crate::error::ConfigError;
 use crate::locate::SourceMap;
@@ -123,18 +123,38 @@ impl Checker<'_> {
     }
 
     fn model(&self, model: &ModelConfig) -> Check {
-        match (model.variant, model.phi) {
-            (Some(_), Some(_)) => {
+        let multipliers = model.width.is_some() || model.depth.is_some();
+        match (model.variant, model.phi, multipliers) {
+            (Some(_), Some(_), _) => {
                 return Err(self.fail("model.phi", "set either model.variant or model.phi, not both"));
             }
-            (None, None) => {
+            (Some(_), None, true) | (None, Some(_), true) => {
+                let key = if model.width.is_some() { "model.width" } else { "model.depth" };
+                return Err(self.fail(
+                    key,
+                    "the multipliers describe a custom member by themselves: set them without model.variant or model.phi",
+                ));
+            }
+            (None, None, false) => {
                 return Err(self.fail(
                     "model.variant",
-                    "missing: set model.variant (b0 … b7) or model.phi (a custom compound coefficient)",
+                    "missing: set model.variant (b0 … b7), model.phi (a custom compound coefficient) or model.width/model.depth (custom multipliers)",
                 ));
             }
             _ => {}
         }
+        self.optional_number(
+            "model.width",
+            model.width,
+            Inclusive(MIN_MULTIPLIER),
+            Inclusive(MAX_MULTIPLIER),
+        )?;
+        self.optional_number(
+            "model.depth",
+            model.depth,
+            Inclusive(MIN_MULTIPLIER),
+            Inclusive(MAX_MULTIPLIER),
+        )?;
         // The ranges are effnet-scaling's, the ones the model is built with: phi in [-4, 16]
         // (negative phi shrinks B0), and the paper's α, β, γ >= 1.
         self.optional_number("model.phi", model.phi, Inclusive(MIN_PHI), Inclusive(MAX_PHI))?;

@@ -363,7 +363,7 @@ fn unknown_keys_are_rejected_at_the_key() {
     let text = "name: demo\nmodel:\n  variant: b0\n  dropuot: 0.1\ndata:\n  train: x\n";
     assert_eq!(
         failure(text).to_string(),
-        "job.yaml:4:3: model.dropuot: unknown field, expected one of variant, phi, alpha, beta, gamma, classes, \
+        "job.yaml:4:3: model.dropuot: unknown field, expected one of variant, phi, alpha, beta, gamma, width, depth, classes, \
          input_channels, resolution, dropout, batch_norm, classifier_init, drop_path, sync_batch_norm, \
          activation_checkpointing"
     );
@@ -475,6 +475,22 @@ fn settings_that_exclude_each_other_blame_the_second() {
         "schedule.warmup_steps",
     );
     located(&format!("{BASE}eval:\n  every_epochs: 1\n  every_steps: 5\n"), 8, 16, "eval.every_steps");
+    let message =
+        located("name: demo\nmodel:\n  phi: 1\n  width: 0.5\ndata:\n  train: x\n", 4, 10, "model.width");
+    assert!(message.starts_with("the multipliers describe a custom member by themselves"), "{message}");
+}
+
+#[test]
+fn a_custom_member_by_its_multipliers() {
+    let spec = parse("name: demo\nmodel:\n  width: 0.5\n  depth: 1.2\n  resolution: 40\ndata:\n  train: x\n");
+    let scaling = spec.model.scaling().unwrap();
+    assert_eq!((scaling.width, scaling.depth, scaling.resolution, scaling.dropout), (0.5, 1.2, 224, 0.2));
+    assert_eq!((spec.model.resolution(), spec.model.dropout()), (40, 0.2));
+    // Either alone leaves the other at 1.
+    let spec = parse("name: demo\nmodel:\n  depth: 2\ndata:\n  train: x\n");
+    assert_eq!((spec.model.scaling().unwrap().width, spec.model.resolution()), (1.0, 224));
+    let message = located("name: demo\nmodel:\n  width: 0.05\ndata:\n  train: x\n", 3, 10, "model.width");
+    assert!(message.contains("0.05"), "{message}");
 }
 
 #[test]

@@ -159,7 +159,10 @@ fn unknown_keys_are_rejected_like_the_files() {
     let message = rejected(&["data.batch_sise=2"], "data.batch_sise=2", "data.batch_sise");
     assert!(message.starts_with("unknown field, expected one of train, val, batch_size"), "{message}");
     let message = rejected(&["trainig.steps=2"], "trainig.steps=2", "trainig");
-    assert!(message.starts_with("unknown field, expected one of name, description, job_dir, seed"), "{message}");
+    assert!(
+        message.starts_with("unknown field, expected one of name, description, job_dir, seed"),
+        "{message}"
+    );
     let argument = "data.augmentation={crop: [0.5, 1.0]}";
     let message = rejected(&[argument], argument, "data.augmentation.crop");
     assert!(message.starts_with("unknown field, expected one of crop_scale"), "{message}");

@@ -10,7 +10,9 @@ use serde::Serialize;
 pub use effnet_scaling::{BatchNormParams, BatchNormStyle, ClassifierInit};
 
 use crate::error::{Error, Result};
-use crate::scaling::{CompoundCoefficients, Scaling, Variant, compound_scaling, round_channels, scale_depth};
+use crate::scaling::{
+    CompoundCoefficients, Scaling, Variant, compound_scaling, multiplier_scaling, round_channels, scale_depth,
+};
 
 /// Channels are rounded to multiples of this (hardware-friendly, as in the reference code).
 pub const CHANNEL_DIVISOR: u32 = 8;
@@ -57,6 +59,8 @@ pub enum ModelSpec {
     Named { variant: Variant },
     /// A custom compound coefficient.
     Custom { phi: f64, coefficients: CompoundCoefficients },
+    /// A custom member by its width and depth multipliers.
+    Multipliers { width: f64, depth: f64 },
 }
 
 impl ModelSpec {
@@ -64,6 +68,7 @@ impl ModelSpec {
         match *self {
             ModelSpec::Named { variant } => Ok(variant.scaling()),
             ModelSpec::Custom { phi, coefficients } => Ok(compound_scaling(phi, coefficients)?),
+            ModelSpec::Multipliers { width, depth } => Ok(multiplier_scaling(width, depth)?),
         }
     }
 
@@ -71,17 +76,24 @@ impl ModelSpec {
     pub fn variant(&self) -> Option<Variant> {
         match *self {
             ModelSpec::Named { variant } => Some(variant),
-            ModelSpec::Custom { .. } => None,
+            ModelSpec::Custom { .. } | ModelSpec::Multipliers { .. } => None,
         }
     }
 
-    /// A short display name: `EfficientNet-B3` or `EfficientNet-phi1.5`.
+    /// A short display name: `EfficientNet-B3`, `EfficientNet-phi1.5` or `EfficientNet-w0.55-d0.6`.
     pub fn display_name(&self) -> String {
         match self {
             ModelSpec::Named { variant } => {
                 format!("EfficientNet-{}", variant.name().to_uppercase())
             }
             ModelSpec::Custom { phi, .. } => format!("EfficientNet-phi{phi}"),
+            ModelSpec::Multipliers { width, depth } => {
+                format!(
+                    "EfficientNet-w{}-d{}",
+                    (width * 1000.0).round() / 1000.0,
+                    (depth * 1000.0).round() / 1000.0
+                )
+            }
         }
     }
 }
@@ -128,6 +140,13 @@ impl EfficientNetConfig {
     pub fn from_spec(model: &effnet_config::ModelConfig, classes: u32) -> EfficientNetConfig {
         let base = match (model.variant, model.phi) {
             (Some(variant), _) => EfficientNetConfig::named(variant),
+            (None, None) if model.width.is_some() || model.depth.is_some() => EfficientNetConfig {
+                spec: ModelSpec::Multipliers {
+                    width: model.width.unwrap_or(1.0),
+                    depth: model.depth.unwrap_or(1.0),
+                },
+                ..Self::named(Variant::B0)
+            },
             // A validated spec has exactly one of variant and phi; B0's phi for one without either.
             (None, phi) => EfficientNetConfig::custom(phi.unwrap_or(0.0), model.coefficients()),
         };
@@ -414,6 +433,17 @@ mod tests {
         assert_eq!(config.spec, ModelSpec::Custom { phi: 1.5, coefficients });
         assert_eq!(config.batch_norm, BatchNormStyle::Torchvision);
         assert_eq!(config.classifier_init, ClassifierInit::Uniform);
+
+        // By multipliers: B0's channels halved and its repeats doubled.
+        let config = EfficientNetConfig::from_spec(&job_model("{width: 0.5, depth: 2, resolution: 32}"), 10);
+        assert_eq!(config.spec, ModelSpec::Multipliers { width: 0.5, depth: 2.0 });
+        assert_eq!(config.spec.display_name(), "EfficientNet-w0.5-d2");
+        let arch = config.architecture().unwrap();
+        let channels: Vec<u32> = arch.stages.iter().map(|s| s.out_channels).collect();
+        assert_eq!(channels, [8, 16, 24, 40, 56, 96, 160]);
+        let repeats: Vec<u32> = arch.stages.iter().map(|s| s.repeats).collect();
+        assert_eq!(repeats, [2, 4, 4, 6, 6, 8, 2]);
+        assert_eq!(arch.batch_norm, BatchNormParams::TF);
     }
 
     #[test]

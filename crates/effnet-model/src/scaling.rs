@@ -13,5 +13,5 @@
 
 pub use effnet_scaling::{
     BASE_RESOLUTION, CompoundCoefficients, MAX_PHI, MIN_COEFFICIENT, MIN_PHI, Scaling, Variant,
-    compound_scaling, make_divisible, round_channels, scale_depth, validate_phi,
+    compound_scaling, make_divisible, multiplier_scaling, round_channels, scale_depth, validate_phi,
 };

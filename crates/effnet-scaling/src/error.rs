@@ -13,6 +13,9 @@ pub enum Error {
     #[error("phi must be a finite number in [{min}, {max}], got {value}", min = crate::MIN_PHI, max = crate::MAX_PHI)]
     InvalidPhi { value: f64 },
 
+    #[error("{name} multiplier must be a finite number in [{min}, {max}], got {value}", min = crate::MIN_MULTIPLIER, max = crate::MAX_MULTIPLIER)]
+    InvalidMultiplier { name: &'static str, value: f64 },
+
     #[error("batch_norm must be one of torchvision, tf, pytorch (timm), got '{name}'")]
     UnknownBatchNormStyle { name: String },
 }

@@ -34,6 +34,7 @@ pub use classifier::ClassifierInit;
 pub use error::{Error, Result};
 pub use reference::Reference;
 pub use scaling::{
-    BASE_RESOLUTION, CompoundCoefficients, MAX_PHI, MIN_COEFFICIENT, MIN_PHI, Scaling, Variant,
-    compound_scaling, make_divisible, round_channels, scale_depth, validate_phi,
+    BASE_RESOLUTION, CompoundCoefficients, MAX_MULTIPLIER, MAX_PHI, MIN_COEFFICIENT, MIN_MULTIPLIER, MIN_PHI,
+    Scaling, Variant, compound_scaling, make_divisible, multiplier_scaling, round_channels, scale_depth,
+    validate_phi,
 };

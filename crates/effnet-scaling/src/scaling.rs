@@ -248,6 +248,30 @@ pub fn compound_scaling(phi: f64, coefficients: CompoundCoefficients) -> Result<
     Ok(Scaling { width, depth, resolution, dropout })
 }
 
+/// The smallest and largest explicit width or depth multiplier ([`multiplier_scaling`]).
+pub const MIN_MULTIPLIER: f64 = 0.1;
+pub const MAX_MULTIPLIER: f64 = 8.0;
+
+/// Scaling of a custom member given by its multipliers directly: B0's stages with `width`
+/// times the channels and `depth` times the repeats, at B0's 224 pixels unless the job gives a
+/// resolution, and B0's dropout (0.2). What a scaling study needs to move one dimension at a
+/// time from any base (the compound rule ties them through one phi).
+///
+/// ```
+/// use effnet_scaling::multiplier_scaling;
+/// let s = multiplier_scaling(0.5, 1.2).unwrap();
+/// assert_eq!((s.width, s.depth, s.resolution, s.dropout), (0.5, 1.2, 224, 0.2));
+/// assert!(multiplier_scaling(0.05, 1.0).is_err());
+/// ```
+pub fn multiplier_scaling(width: f64, depth: f64) -> Result<Scaling> {
+    for (name, value) in [("width", width), ("depth", depth)] {
+        if !(value.is_finite() && (MIN_MULTIPLIER..=MAX_MULTIPLIER).contains(&value)) {
+            return Err(Error::InvalidMultiplier { name, value });
+        }
+    }
+    Ok(Scaling { width, depth, resolution: BASE_RESOLUTION, dropout: 0.2 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
