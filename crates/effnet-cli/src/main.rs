@@ -68,6 +68,10 @@ enum Command {
     /// Inspect EfficientNet variants and run inference with saved weights.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
+    /// Run a pipeline: stages (prepare, train jobs, report) in order, each skipped when its
+    /// outputs exist (`pipelines/`).
+    #[command(subcommand)]
+    Pipeline(commands::pipeline::PipelineCommand),
     /// Convert idx files, Fashion-MNIST or an image folder into a Parquet dataset.
     Prepare(commands::data::PrepareArgs),
     /// Inspect or verify a dataset.
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => commands::coordinator::logs(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Report(args) => commands::report::run(args),
+        Command::Pipeline(command) => commands::pipeline::run(command),
         Command::Model(command) => commands::model::run(command),
         Command::Prepare(args) => commands::data::prepare(args),
         Command::Data(command) => commands::data::run(command),

@@ -199,57 +199,50 @@ impl Stateful for Feed {
             }
         }
         self.start = match &self.settings.dealer {
-            Some(dealer) => self.dealt(cursor, dealer.resumed(), &checkpoint.url)?,
+            Some(dealer) => check_dealt(cursor, dealer.resumed(), self.settings.world_size, &checkpoint.url)?,
             None => cursor,
         };
         Ok(())
     }
 }
 
-impl Feed {
-    /// The dealer's rest of the epoch, checked against the checkpoint's own cursor: the same
-    /// samples still to train, dealt to this run's world.
-    fn dealt(
-        &self,
-        saved: Option<DataCursor>,
-        dealt: Option<DataCursor>,
-        url: &str,
-    ) -> Result<Option<DataCursor>> {
-        let disagree = |reason: String| Error::IncompatibleCheckpoint {
-            url: url.to_string(),
-            reason: format!("the coordinator's deal disagrees with its data cursor: {reason}"),
-        };
-        match (saved, dealt) {
-            (None, None) => Ok(None),
-            (Some(_), None) => {
-                Err(disagree("no rest of the epoch was dealt for a mid-epoch checkpoint".into()))
+/// The dealer's rest of the epoch, checked against the checkpoint's own cursor: the same
+/// samples still to train, dealt to this run's world of `world_size`.
+fn check_dealt(
+    saved: Option<DataCursor>,
+    dealt: Option<DataCursor>,
+    world_size: usize,
+    url: &str,
+) -> Result<Option<DataCursor>> {
+    let disagree = |reason: String| Error::IncompatibleCheckpoint {
+        url: url.to_string(),
+        reason: format!("the coordinator's deal disagrees with its data cursor: {reason}"),
+    };
+    match (saved, dealt) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(disagree("no rest of the epoch was dealt for a mid-epoch checkpoint".into())),
+        (None, Some(_)) => Err(disagree("a rest of the epoch was dealt for an epoch-end checkpoint".into())),
+        (Some(saved), Some(dealt)) => {
+            dealt.validate().map_err(|e| disagree(e.to_string()))?;
+            if dealt.plan.world_size() != world_size {
+                return Err(disagree(format!(
+                    "dealt to {} ranks, this run has {world_size}",
+                    dealt.plan.world_size()
+                )));
             }
-            (None, Some(_)) => {
-                Err(disagree("a rest of the epoch was dealt for an epoch-end checkpoint".into()))
+            if (dealt.plan.seed, dealt.plan.epoch) != (saved.plan.seed, saved.plan.epoch) {
+                return Err(disagree(format!(
+                    "seed {} epoch {}, the checkpoint's seed {} epoch {}",
+                    dealt.plan.seed, dealt.plan.epoch, saved.plan.seed, saved.plan.epoch
+                )));
             }
-            (Some(saved), Some(dealt)) => {
-                dealt.validate().map_err(|e| disagree(e.to_string()))?;
-                if dealt.plan.world_size() != self.settings.world_size {
-                    return Err(disagree(format!(
-                        "dealt to {} ranks, this run has {}",
-                        dealt.plan.world_size(),
-                        self.settings.world_size
-                    )));
-                }
-                if (dealt.plan.seed, dealt.plan.epoch) != (saved.plan.seed, saved.plan.epoch) {
-                    return Err(disagree(format!(
-                        "seed {} epoch {}, the checkpoint's seed {} epoch {}",
-                        dealt.plan.seed, dealt.plan.epoch, saved.plan.seed, saved.plan.epoch
-                    )));
-                }
-                match (saved.remaining_rows(), dealt.remaining_rows()) {
-                    (Some(left), Some(given)) if left == given => Ok(Some(dealt)),
-                    _ => Err(disagree(format!(
-                        "{} samples dealt, {} left in the checkpoint's epoch, or not the same ones",
-                        dealt.remaining(),
-                        saved.remaining()
-                    ))),
-                }
+            match (saved.remaining_rows(), dealt.remaining_rows()) {
+                (Some(left), Some(given)) if left == given => Ok(Some(dealt)),
+                _ => Err(disagree(format!(
+                    "{} samples dealt, {} left in the checkpoint's epoch, or not the same ones",
+                    dealt.remaining(),
+                    saved.remaining()
+                ))),
             }
         }
     }
@@ -361,5 +354,58 @@ async fn produce(
             }
         }
         epoch += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use effnet_data::RowGroupRef;
+    use effnet_data::plan::{initial_cursors, simulate_rank};
+
+    /// Epoch 0 of 2 ranks over 6 row groups of 10, each rank part-way through its share.
+    fn saved() -> DataCursor {
+        let groups: Vec<RowGroupRef> =
+            (0..6).map(|id| RowGroupRef { id, file: 0, index: id, rows: 10 }).collect();
+        let plan = EpochPlan::new(3, 0, &groups, 2).unwrap();
+        let ranks = plan
+            .ranks
+            .iter()
+            .zip(initial_cursors(&plan))
+            .map(|(work, cursor)| simulate_rank(work, &cursor, 8, Some(13)).1)
+            .collect();
+        DataCursor { plan, ranks }
+    }
+
+    #[test]
+    fn a_deal_must_hold_the_checkpoints_rest_of_the_epoch_for_this_world() {
+        let saved = saved();
+        let (plan, ranks) = saved.resume(3).unwrap();
+        let dealt = DataCursor { plan, ranks };
+        let kept = check_dealt(Some(saved.clone()), Some(dealt.clone()), 3, "ckpt").unwrap();
+        assert_eq!(kept, Some(dealt.clone()));
+        assert_eq!(check_dealt(None, None, 3, "ckpt").unwrap(), None);
+
+        let refused = |saved: Option<DataCursor>, dealt: Option<DataCursor>, world: usize| {
+            let error = check_dealt(saved, dealt, world, "ckpt").unwrap_err();
+            assert!(matches!(error, Error::IncompatibleCheckpoint { .. }), "{error}");
+            error.to_string()
+        };
+        let message = refused(Some(saved.clone()), Some(dealt.clone()), 2);
+        assert!(message.contains("dealt to 3 ranks, this run has 2"), "{message}");
+        let message = refused(Some(saved.clone()), None, 3);
+        assert!(message.contains("no rest of the epoch was dealt"), "{message}");
+        let message = refused(None, Some(dealt.clone()), 3);
+        assert!(message.contains("epoch-end checkpoint"), "{message}");
+        // A sample lost from a buffer, or one that is not the checkpoint's: refused.
+        let mut lost = dealt.clone();
+        let rank = lost.ranks.iter().position(|r| !r.buffered.is_empty()).expect("a buffered sample");
+        lost.ranks[rank].buffered.pop();
+        let message = refused(Some(saved.clone()), Some(lost), 3);
+        assert!(message.contains("or not the same ones"), "{message}");
+        let mut other_epoch = dealt;
+        other_epoch.plan.epoch = 1;
+        let message = refused(Some(saved), Some(other_epoch), 3);
+        assert!(message.contains("epoch 1, the checkpoint's seed 3 epoch 0"), "{message}");
     }
 }

@@ -3,6 +3,7 @@ pub mod data;
 pub mod eval;
 pub mod local;
 pub mod model;
+pub mod pipeline;
 pub mod report;
 pub mod run;
 pub mod worker;

@@ -1,0 +1,105 @@
+//! `effnet pipeline run`: the shipped compound-scaling pipeline's quick version end to end
+//! (Fashion-MNIST prepared, three jobs trained by two MPI workers each through `effnet run`'s
+//! coordinator, the report and the study's chart), stages skipped when their outputs exist, a
+//! lost job output redone alone, and bad pipeline files refused in one line.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::{Outcome, assert_bad_input, workspace_root};
+
+/// `effnet ARGS` with `dir` as the working directory (the pipeline's relative paths).
+fn effnet_in(dir: &Path, args: &[&str]) -> Outcome {
+    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("effnet binary runs");
+    Outcome {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn copy(from: &str, to: &Path) {
+    let target = to.join(from);
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::copy(workspace_root().join(from), target).unwrap();
+}
+
+#[test]
+fn the_compound_scaling_pipeline_runs_quick_and_skips_what_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    copy("pipelines/compound-scaling.yaml", dir.path());
+    copy("pipelines/jobs/fashion-mnist-small.yaml", dir.path());
+    let run = || effnet_in(dir.path(), &["pipeline", "run", "pipelines/compound-scaling.yaml", "--quick"]);
+
+    let first = run();
+    assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
+    for job in ["base", "width-1", "compound-1"] {
+        assert!(first.stdout.contains(&format!("stage train: job {job} finished in")), "{}", first.stdout);
+    }
+    assert!(!first.stdout.contains("job depth-1"), "only the quick jobs: {}", first.stdout);
+    let out = dir.path().join(".work/pipelines/compound-scaling-quick/report");
+    let study: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("study.json")).unwrap()).unwrap();
+    let rows = study.as_array().unwrap();
+    let field = |key: &str| rows.iter().map(|r| r[key].clone()).collect::<Vec<_>>();
+    assert_eq!(field("job"), ["base", "width-1", "compound-1"]);
+    assert_eq!(field("width"), [0.5, 0.55, 0.55]);
+    assert_eq!(field("depth"), [0.5, 0.5, 0.6]);
+    assert_eq!(field("resolution"), [24, 24, 28]);
+    assert_eq!(field("steps"), [20, 20, 20]);
+    assert_eq!(rows[0]["groups"], serde_json::json!(["width", "depth", "resolution", "compound"]));
+    let flops: Vec<u64> = rows.iter().map(|r| r["flops"].as_u64().unwrap()).collect();
+    assert!(flops[0] < flops[1] && flops[1] < flops[2], "{flops:?}");
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r["top1"].as_f64().unwrap())), "{study}");
+    let svg = std::fs::read_to_string(out.join("study.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("compound") && svg.contains("width"), "{svg}");
+    let markdown = std::fs::read_to_string(out.join("study.md")).unwrap();
+    assert!(markdown.contains("| width | width-1 | EfficientNet-w0.55-d0.5 |"), "{markdown}");
+    assert!(out.join("report.html").exists() && out.join("report.json").exists());
+    // Each job ran through `effnet run` with two workers and the coordinator.
+    let jobs = dir.path().join(".work/pipelines/compound-scaling-quick");
+    assert!(jobs.join("base/coordinator").join(effnet_coordinator::DATABASE_FILE).exists());
+
+    // Everything is there: every stage is skipped.
+    let again = run();
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stdout.contains("stage data: skipped"), "{}", again.stdout);
+    for job in ["base", "width-1", "compound-1"] {
+        assert!(again.stdout.contains(&format!("job {job} skipped (finished in")), "{}", again.stdout);
+    }
+    assert!(again.stdout.contains("stage report: skipped"), "{}", again.stdout);
+
+    // A job whose output is lost is run again (it resumes from its last checkpoint), alone, and
+    // the report is rebuilt.
+    std::fs::remove_file(jobs.join("width-1/summary.json")).unwrap();
+    let redo = run();
+    assert_eq!(redo.code, 0, "{}", redo.stderr);
+    assert!(redo.stdout.contains("job base skipped") && redo.stdout.contains("job compound-1 skipped"));
+    assert!(redo.stdout.contains("stage train: job width-1 finished in"), "{}", redo.stdout);
+    assert!(!redo.stdout.contains("stage report: skipped"), "{}", redo.stdout);
+    assert!(jobs.join("width-1/summary.json").exists());
+}
+
+#[test]
+fn bad_pipeline_files_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |text: &str| {
+        std::fs::write(dir.path().join("p.yaml"), text).unwrap();
+        effnet_in(dir.path(), &["pipeline", "run", "p.yaml"])
+    };
+    let unknown = write("name: p\nwork_dir: w\nstages: []\nstagse: []\n");
+    assert_bad_input(&unknown, &["p.yaml", "stagse"]);
+    let two = write("name: p\nwork_dir: w\nstages:\n  - name: s\n    prepare: {from: idx, out: o}\n    report: {jobs: t, out: r}\n");
+    assert_bad_input(&two, &["p.yaml: stage s: give exactly one of prepare, train, report"]);
+    let order = write("name: p\nwork_dir: w\nstages:\n  - name: r\n    report: {jobs: t, out: r}\n");
+    assert_bad_input(&order, &["p.yaml: stage r: report.jobs: no train stage \"t\" before it"]);
+    let quick = effnet_in(dir.path(), &["pipeline", "run", "p.yaml", "--quick"]);
+    assert_bad_input(&quick, &["p.yaml"]);
+    let missing = effnet_in(dir.path(), &["pipeline", "run", "absent.yaml"]);
+    assert_bad_input(&missing, &["absent.yaml"]);
+}
