@@ -16,6 +16,7 @@ mod exactly_once;
 mod k8s;
 mod overrides;
 mod parity;
+mod pipeline;
 mod report;
 mod slurm;
 mod train;

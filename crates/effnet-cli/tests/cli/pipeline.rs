@@ -94,7 +94,9 @@ fn bad_pipeline_files_are_refused_in_one_line() {
     };
     let unknown = write("name: p\nwork_dir: w\nstages: []\nstagse: []\n");
     assert_bad_input(&unknown, &["p.yaml", "stagse"]);
-    let two = write("name: p\nwork_dir: w\nstages:\n  - name: s\n    prepare: {from: idx, out: o}\n    report: {jobs: t, out: r}\n");
+    let two = write(
+        "name: p\nwork_dir: w\nstages:\n  - name: s\n    prepare: {from: idx, out: o}\n    report: {jobs: t, out: r}\n",
+    );
     assert_bad_input(&two, &["p.yaml: stage s: give exactly one of prepare, train, report"]);
     let order = write("name: p\nwork_dir: w\nstages:\n  - name: r\n    report: {jobs: t, out: r}\n");
     assert_bad_input(&order, &["p.yaml: stage r: report.jobs: no train stage \"t\" before it"]);
