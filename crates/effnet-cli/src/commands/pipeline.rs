@@ -38,6 +38,14 @@ pub struct RunArgs {
     /// places), for a fast end-to-end check.
     #[arg(long)]
     quick: bool,
+    /// Submit the train stages' jobs to this coordinator, all at once, and wait for them: the
+    /// cluster's engine runs their workers (in parallel when it has the machines). Without it,
+    /// each job runs here as `effnet run` runs it. The job directories must be where this
+    /// command can read them for the report (shared storage).
+    #[arg(long, value_name = "URL")]
+    coordinator: Option<String>,
+    #[command(flatten)]
+    token: super::coordinator::TokenArgs,
 }
 
 /// A pipeline file.
@@ -163,8 +171,13 @@ fn run_pipeline(args: &RunArgs) -> Result<()> {
             run_prepare(&stage.name, prepare)?;
         } else if let Some(train) = &stage.train {
             let jobs = resolve_jobs(&pipeline.name, train, quick, work_dir)?;
-            for (job, spec) in &jobs {
-                run_job(&stage.name, job, spec, work_dir)?;
+            match &args.coordinator {
+                Some(url) => submit_and_wait(&stage.name, &pipeline.name, &jobs, work_dir, url, &args.token)?,
+                None => {
+                    for (job, spec) in &jobs {
+                        run_job(&stage.name, job, spec, work_dir)?;
+                    }
+                }
             }
             trained.push((stage.name.clone(), jobs));
         } else if let Some(report) = &stage.report {
@@ -306,18 +319,107 @@ fn finished_summary(job_dir: &Path) -> Option<serde_json::Value> {
     (summary["steps"].as_u64()? >= total).then_some(summary)
 }
 
+/// The resolved spec as a job file (JSON is YAML), so the run is exactly what was resolved.
+fn write_job_file(job: &TrainJob, spec: &JobSpec, work_dir: &Path) -> Result<PathBuf> {
+    let jobs_dir = work_dir.join("jobs");
+    std::fs::create_dir_all(&jobs_dir).with_context(|| format!("creating {}", jobs_dir.display()))?;
+    let file = jobs_dir.join(format!("{}.yaml", job.name));
+    std::fs::write(&file, serde_json::to_string_pretty(spec)?)
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(file)
+}
+
+/// Every unfinished job submitted to the coordinator (with a key made of the pipeline, the job
+/// and its resolved spec, so running the pipeline again finds the same coordinator jobs), then
+/// polled until all are over.
+fn submit_and_wait(
+    stage: &str,
+    pipeline: &str,
+    jobs: &[(TrainJob, JobSpec)],
+    work_dir: &Path,
+    url: &str,
+    token: &super::coordinator::TokenArgs,
+) -> Result<()> {
+    use effnet_coordinator::protocol::{JobStart, JobState};
+    use sha2::Digest as _;
+    let client = effnet_coordinator::Client::new(url, &token.token()?)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut waiting = Vec::new();
+    for (job, spec) in jobs {
+        if finished_summary(&spec.job_dir()).is_some() {
+            out!("stage {stage}: job {} skipped (finished in {})", job.name, spec.job_dir().display());
+            continue;
+        }
+        // Paths as this machine sees them: the coordinator and the workers run elsewhere.
+        let file = write_job_file(job, &absolute_paths(spec)?, work_dir)?;
+        let yaml = std::fs::read_to_string(&file)?;
+        let digest: String =
+            sha2::Sha256::digest(yaml.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let key = format!("pipeline/{pipeline}/{}/{digest}", job.name);
+        let submitted = runtime.block_on(client.submit_keyed(
+            &yaml,
+            &file.display().to_string(),
+            &JobStart::Latest,
+            Some(&key),
+        ))?;
+        out!("stage {stage}: job {} submitted to {url} as {} ({})", job.name, submitted.id, submitted.state);
+        waiting.push((job.name.clone(), submitted.id, submitted.state));
+    }
+    let started = Instant::now();
+    while !waiting.is_empty() {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let mut still = Vec::new();
+        for (name, id, last) in waiting {
+            let state = runtime.block_on(client.job(&id))?.summary;
+            match state.state {
+                JobState::Succeeded => out!("stage {stage}: job {name} ({id}) succeeded"),
+                JobState::Failed | JobState::Cancelled => bail!(
+                    "stage {stage}: job {name} ({id}) {}: {}",
+                    state.state,
+                    state.reason.unwrap_or_else(|| "no reason given".into())
+                ),
+                now => {
+                    if now != last {
+                        out!("stage {stage}: job {name} ({id}) {now}");
+                    }
+                    still.push((name, id, now));
+                }
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() && started.elapsed().as_secs().is_multiple_of(60) {
+            out!("stage {stage}: waiting for {} jobs at {url}", waiting.len());
+        }
+    }
+    Ok(())
+}
+
+/// The spec with its relative local paths (data, job directory, checkpoints, report) made
+/// absolute against this directory; URLs and absolute paths are left as they are.
+fn absolute_paths(spec: &JobSpec) -> Result<JobSpec> {
+    let here = std::env::current_dir().context("the working directory")?;
+    let absolute = |path: &str| -> Result<String> {
+        let relative = effnet_store::Scheme::of(path)? == effnet_store::Scheme::File
+            && !path.starts_with("file:")
+            && Path::new(path).is_relative();
+        Ok(if relative { here.join(path).display().to_string() } else { path.to_string() })
+    };
+    let mut spec = spec.clone();
+    spec.data.train = absolute(&spec.data.train)?;
+    spec.data.val = spec.data.val.as_deref().map(absolute).transpose()?;
+    spec.job_dir = Some(absolute(&spec.job_dir().display().to_string())?);
+    spec.checkpoint.url = spec.checkpoint.url.as_deref().map(absolute).transpose()?;
+    spec.report.out = spec.report.out.as_deref().map(absolute).transpose()?;
+    Ok(spec)
+}
+
 fn run_job(stage: &str, job: &TrainJob, spec: &JobSpec, work_dir: &Path) -> Result<()> {
     let job_dir = spec.job_dir();
     if finished_summary(&job_dir).is_some() {
         out!("stage {stage}: job {} skipped (finished in {})", job.name, job_dir.display());
         return Ok(());
     }
-    // The resolved spec as a job file (JSON is YAML), so the run is exactly what was resolved.
-    let jobs_dir = work_dir.join("jobs");
-    std::fs::create_dir_all(&jobs_dir).with_context(|| format!("creating {}", jobs_dir.display()))?;
-    let file = jobs_dir.join(format!("{}.yaml", job.name));
-    std::fs::write(&file, serde_json::to_string_pretty(spec)?)
-        .with_context(|| format!("writing {}", file.display()))?;
+    let file = write_job_file(job, spec, work_dir)?;
     out!("stage {stage}: job {} (effnet run {})", job.name, file.display());
     let started = Instant::now();
     let status = Command::new(std::env::current_exe().context("locating the effnet binary")?)

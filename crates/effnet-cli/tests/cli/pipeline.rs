@@ -105,3 +105,96 @@ fn bad_pipeline_files_are_refused_in_one_line() {
     let missing = effnet_in(dir.path(), &["pipeline", "run", "absent.yaml"]);
     assert_bad_input(&missing, &["absent.yaml"]);
 }
+
+/// With `--coordinator URL` the quick pipeline's jobs are submitted to a standalone coordinator
+/// and waited for; a stand-in for a cluster's engine (`mpirun -n 2 effnet worker ...` for each
+/// queued job) runs them. The study is built from the job directories the workers wrote, and a
+/// second run finds every job done.
+#[test]
+fn a_pipeline_submits_its_jobs_to_a_coordinator_and_waits_for_them() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    copy("pipelines/compound-scaling.yaml", dir.path());
+    copy("pipelines/jobs/fashion-mnist-small.yaml", dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "pipeline-token").unwrap();
+    // Started elsewhere than the pipeline: the submitted jobs carry absolute paths.
+    let coordinator = crate::coordinator::Coordinator::start(&dir.path().join("state"), &token_file);
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> =
+            ["pipeline", "run", "pipelines/compound-scaling.yaml", "--quick", "--coordinator"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        all.push(coordinator.url.clone());
+        all.extend(["--token-file".to_string(), token_file.display().to_string()]);
+        all.extend(extra.iter().map(|s| s.to_string()));
+        all
+    };
+    let pipeline = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(args(&[]))
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The engine: each queued job's two workers, one job after another, from another directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut launched = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while launched.len() < 3 {
+        assert!(Instant::now() < deadline, "jobs were not submitted: {launched:?}");
+        let status = crate::coordinator::client(&coordinator, &token_file, &["status", "--json"]);
+        let jobs: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+        for job in jobs.as_array().into_iter().flatten() {
+            let id = job["id"].as_str().unwrap().to_string();
+            if job["state"] != "queued" || !launched.insert(id.clone()) {
+                continue;
+            }
+            let mut mpirun = Command::new("mpirun");
+            mpirun.args(["-n", "2", "--bind-to", "none", "--oversubscribe"]);
+            if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+                mpirun.arg("--allow-run-as-root");
+            }
+            let workers = mpirun
+                .arg(env!("CARGO_BIN_EXE_effnet"))
+                .args(["worker", "--coordinator", &coordinator.url, "--job", &id, "--progress", "never"])
+                .arg("--token-file")
+                .arg(&token_file)
+                .current_dir(elsewhere.path())
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap();
+            assert!(workers.status.success(), "job {id}: {}", String::from_utf8_lossy(&workers.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = pipeline.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    for job in ["base", "width-1", "compound-1"] {
+        assert!(
+            stdout.contains(&format!("stage train: job {job} submitted to {}", coordinator.url)),
+            "{stdout}"
+        );
+    }
+    assert_eq!(stdout.matches(") succeeded").count(), 3, "{stdout}");
+    let study: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(".work/pipelines/compound-scaling-quick/report/study.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(study.as_array().unwrap().len(), 3, "{study}");
+    assert!(!elsewhere.path().join(".work").exists(), "the workers wrote where the pipeline said");
+
+    let again = effnet_in(dir.path(), &args(&[]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.stdout.matches(" skipped (finished in").count(), 3, "{}", again.stdout);
+    let status = crate::coordinator::client(&coordinator, &token_file, &["status", "--json"]);
+    let jobs: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let states: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["succeeded"; 3]);
+}
