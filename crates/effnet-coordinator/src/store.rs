@@ -627,7 +627,8 @@ pub(crate) fn join(connection: &Connection, job_id: &str, request: &JoinRequest,
         previous => {
             let world_size = request.world_size.unwrap_or(job.world_size);
             let number = previous.as_ref().map_or(1, |g| g.number + 1);
-            // The resume point, chosen once for every rank of the generation.
+            // The newest checkpoint reported so far: the generation starts from it or a newer one
+            // (decided at its first assignment, crate::deal).
             let resume = newest_reported_checkpoint(connection, job_id)?
                 .map(|c| CheckpointReport { step: c.step, url: c.url });
             execute(
