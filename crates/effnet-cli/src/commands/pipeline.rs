@@ -319,6 +319,14 @@ fn finished_summary(job_dir: &Path) -> Option<serde_json::Value> {
     (summary["steps"].as_u64()? >= total).then_some(summary)
 }
 
+/// Whether the job directory last ran with other settings than `spec` (its `job.json`): the
+/// job must start over, since its checkpoints and summary belong to the old settings.
+fn settings_changed(job_dir: &Path, spec: &JobSpec) -> Result<bool> {
+    let Ok(bytes) = std::fs::read(job_dir.join(effnet_jobdir::JOB_FILE)) else { return Ok(false) };
+    let previous: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Ok(previous["spec"] != serde_json::to_value(spec)?)
+}
+
 /// The resolved spec as a job file (JSON is YAML), so the run is exactly what was resolved.
 fn write_job_file(job: &TrainJob, spec: &JobSpec, work_dir: &Path) -> Result<PathBuf> {
     let jobs_dir = work_dir.join("jobs");
@@ -346,22 +354,21 @@ fn submit_and_wait(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut waiting = Vec::new();
     for (job, spec) in jobs {
-        if finished_summary(&spec.job_dir()).is_some() {
+        // Paths as this machine sees them: the coordinator and the workers run elsewhere.
+        let spec = absolute_paths(spec)?;
+        let changed = settings_changed(&spec.job_dir(), &spec)?;
+        if !changed && finished_summary(&spec.job_dir()).is_some() {
             out!("stage {stage}: job {} skipped (finished in {})", job.name, spec.job_dir().display());
             continue;
         }
-        // Paths as this machine sees them: the coordinator and the workers run elsewhere.
-        let file = write_job_file(job, &absolute_paths(spec)?, work_dir)?;
+        let file = write_job_file(job, &spec, work_dir)?;
         let yaml = std::fs::read_to_string(&file)?;
         let digest: String =
             sha2::Sha256::digest(yaml.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
         let key = format!("pipeline/{pipeline}/{}/{digest}", job.name);
-        let submitted = runtime.block_on(client.submit_keyed(
-            &yaml,
-            &file.display().to_string(),
-            &JobStart::Latest,
-            Some(&key),
-        ))?;
+        let start = if changed { JobStart::Fresh } else { JobStart::Latest };
+        let submitted =
+            runtime.block_on(client.submit_keyed(&yaml, &file.display().to_string(), &start, Some(&key)))?;
         out!("stage {stage}: job {} submitted to {url} as {} ({})", job.name, submitted.id, submitted.state);
         waiting.push((job.name.clone(), submitted.id, submitted.state));
     }
@@ -415,15 +422,22 @@ fn absolute_paths(spec: &JobSpec) -> Result<JobSpec> {
 
 fn run_job(stage: &str, job: &TrainJob, spec: &JobSpec, work_dir: &Path) -> Result<()> {
     let job_dir = spec.job_dir();
-    if finished_summary(&job_dir).is_some() {
+    let changed = settings_changed(&job_dir, spec)?;
+    if !changed && finished_summary(&job_dir).is_some() {
         out!("stage {stage}: job {} skipped (finished in {})", job.name, job_dir.display());
         return Ok(());
     }
     let file = write_job_file(job, spec, work_dir)?;
-    out!("stage {stage}: job {} (effnet run {})", job.name, file.display());
+    let fresh = if changed { " --fresh: its settings changed" } else { "" };
+    out!("stage {stage}: job {} (effnet run {}{fresh})", job.name, file.display());
     let started = Instant::now();
+    let mut arguments =
+        vec!["run".to_string(), file.display().to_string(), "--progress".into(), "never".into()];
+    if changed {
+        arguments.push("--fresh".into());
+    }
     let status = Command::new(std::env::current_exe().context("locating the effnet binary")?)
-        .args(["run", &file.display().to_string(), "--progress", "never"])
+        .args(&arguments)
         .stdout(std::process::Stdio::null())
         .status()
         .context("running effnet run")?;

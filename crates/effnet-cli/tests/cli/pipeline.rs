@@ -83,6 +83,18 @@ fn the_compound_scaling_pipeline_runs_quick_and_skips_what_is_done() {
     assert!(redo.stdout.contains("stage train: job width-1 finished in"), "{}", redo.stdout);
     assert!(!redo.stdout.contains("stage report: skipped"), "{}", redo.stdout);
     assert!(jobs.join("width-1/summary.json").exists());
+
+    // Changed settings make a finished job start over: its old checkpoints belong to the old ones.
+    let file = dir.path().join("pipelines/compound-scaling.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("training.steps=20,", "training.steps=24,")).unwrap();
+    let changed = run();
+    assert_eq!(changed.code, 0, "{}", changed.stderr);
+    assert_eq!(changed.stdout.matches("--fresh: its settings changed)").count(), 3, "{}", changed.stdout);
+    let study: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("study.json")).unwrap()).unwrap();
+    let steps: Vec<u64> = study.as_array().unwrap().iter().map(|r| r["steps"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [24, 24, 24]);
 }
 
 #[test]
