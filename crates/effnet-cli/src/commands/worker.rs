@@ -7,9 +7,9 @@
 //!    the coordinator refuses a rank that is taken or a world that is not the job's.
 //! 3. Heartbeat until the generation is complete (`train`), then fetch the generation's
 //!    assignment (the checkpoint the coordinator chose and the rest of its epoch dealt to this
-//!    generation's ranks; new epochs' plans come from it too) and train, heartbeating from a thread with the step, loss,
-//!    throughput and every committed checkpoint (sent as soon as it is committed, so the
-//!    coordinator's resume point is current).
+//!    generation's ranks; new epochs' plans come from it too) and train, heartbeating from a
+//!    thread with the step, loss, throughput and every committed checkpoint (sent as soon as it
+//!    is committed, so the coordinator knows the newest one).
 //! 4. Leave: `finished`; `failed` on bad input (a restart would not cure it, exit 2); `restart`
 //!    on any other error (exit [`RESTART_EXIT`]).
 //!
@@ -211,7 +211,8 @@ fn join(
 }
 
 /// The generation's assignment; while the coordinator cannot read the job's store (503) or
-/// cannot be reached, ask again for up to [`JOIN_PATIENCE`].
+/// cannot be reached, ask again for up to [`JOIN_PATIENCE`], heartbeating meanwhile so that
+/// this worker does not expire while it waits.
 fn assignment(
     runtime: &tokio::runtime::Runtime,
     client: &Client,
@@ -224,6 +225,7 @@ fn assignment(
             Err(error) if !error.is_bad_input() && started.elapsed() < JOIN_PATIENCE => {
                 tracing::warn!(%error, "the coordinator could not deal the generation yet; asking again");
                 std::thread::sleep(Duration::from_secs(1));
+                let _ = runtime.block_on(client.heartbeat(job_id, worker, &Progress::default()));
             }
             outcome => return outcome,
         }
