@@ -155,6 +155,18 @@ pub enum JobStart {
     Checkpoint { url: String },
 }
 
+impl JobStart {
+    /// The start the command-line flags `--resume URL` and `--fresh` ask for (they exclude each
+    /// other; neither is the newest checkpoint).
+    pub fn from_flags(resume: Option<String>, fresh: bool) -> JobStart {
+        match (resume, fresh) {
+            (Some(url), _) => JobStart::Checkpoint { url },
+            (None, true) => JobStart::Fresh,
+            (None, false) => JobStart::Latest,
+        }
+    }
+}
+
 /// Where a generation starts, decided by the coordinator once for all its ranks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
@@ -405,4 +417,21 @@ pub struct ProgressRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jobs_start_from_the_command_line_flags() {
+        let url = "s3://b/ckpt/step-00000100".to_string();
+        assert_eq!(JobStart::from_flags(None, false), JobStart::Latest);
+        assert_eq!(JobStart::from_flags(None, true), JobStart::Fresh);
+        assert_eq!(JobStart::from_flags(Some(url.clone()), false), JobStart::Checkpoint { url });
+        // As stored: tagged by `from`.
+        let stored = serde_json::to_string(&JobStart::Fresh).unwrap();
+        assert_eq!(stored, r#"{"from":"fresh"}"#);
+        assert_eq!(serde_json::from_str::<JobStart>(&stored).unwrap(), JobStart::Fresh);
+    }
 }

@@ -999,6 +999,11 @@ pub(crate) fn member_counts(connection: &Connection) -> Result<Vec<(String, Memb
 
 /// The active member of a generation that has not ended, for the rendezvous.
 fn rendezvous_member(connection: &Connection, job_id: &str, worker_id: &str) -> Result<Member> {
+    Ok(live_member(connection, job_id, worker_id)?.0)
+}
+
+/// An active member of a generation that has not ended, and that generation.
+fn live_member(connection: &Connection, job_id: &str, worker_id: &str) -> Result<(Member, Generation)> {
     let member = member(connection, job_id, worker_id)?;
     let generation = generation(connection, job_id, member.generation)?
         .ok_or_else(|| Error::Corrupt { message: format!("worker {worker_id} has no generation") })?;
@@ -1009,7 +1014,7 @@ fn rendezvous_member(connection: &Connection, job_id: &str, worker_id: &str) -> 
             generation.state.as_str()
         )));
     }
-    Ok(member)
+    Ok((member, generation))
 }
 
 /// Rank 0 publishes its generation's rendezvous bytes (hex), once.
@@ -1074,9 +1079,7 @@ pub(crate) struct DealContext {
 
 /// The context of an active member of a running generation; a forming one has no deal yet.
 pub(crate) fn deal_context(connection: &Connection, job_id: &str, worker_id: &str) -> Result<DealContext> {
-    let member = rendezvous_member(connection, job_id, worker_id)?;
-    let generation = generation(connection, job_id, member.generation)?
-        .ok_or_else(|| Error::Corrupt { message: format!("worker {worker_id} has no generation") })?;
+    let (member, generation) = live_member(connection, job_id, worker_id)?;
     if generation.state != GenerationState::Running {
         return Err(Error::conflict(format!(
             "generation {} is still forming: its assignment is dealt once every rank joined",

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use effnet_config::JobSpec;
-use effnet_coordinator::protocol::{JobDetail, JobStart, JobSummary, StartPoint};
+use effnet_coordinator::protocol::{JobDetail, JobStart, JobSummary, StartPoint, Submitted};
 use effnet_coordinator::{Client, Settings, State};
 
 use crate::failure::bad_input;
@@ -204,21 +204,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// A job file checked exactly as `effnet run --check` checks its spec (the datasets are read by
+/// the coordinator and the workers, which may see them where this machine does not), so the
+/// messages are the same, then submitted.
+fn submit_file(client: &Client, job: &Path, start: &JobStart, key: Option<&str>) -> Result<Submitted> {
+    JobSpec::load(job)?;
+    let yaml = std::fs::read_to_string(job).map_err(|error| bad_input!("{}: {error}", job.display()))?;
+    Ok(runtime()?.block_on(client.submit_keyed(&yaml, &source_name(job), start, key))?)
+}
+
 pub fn submit(args: SubmitArgs) -> Result<()> {
-    // The same reading and validation as `effnet run --check` (its spec part: the datasets are
-    // read by the coordinator and the workers, which may see them where this machine does not),
-    // so the messages are the same.
-    JobSpec::load(&args.job)?;
-    let yaml =
-        std::fs::read_to_string(&args.job).map_err(|error| bad_input!("{}: {error}", args.job.display()))?;
     let client = args.client.client()?;
-    let source = source_name(&args.job);
-    let start = match (args.resume, args.fresh) {
-        (Some(url), _) => JobStart::Checkpoint { url },
-        (None, true) => JobStart::Fresh,
-        (None, false) => JobStart::Latest,
-    };
-    let submitted = runtime()?.block_on(client.submit_keyed(&yaml, &source, &start, args.key.as_deref()))?;
+    let start = JobStart::from_flags(args.resume, args.fresh);
+    let submitted = submit_file(&client, &args.job, &start, args.key.as_deref())?;
     if args.json {
         out!("{}", serde_json::to_string_pretty(&submitted)?);
     } else {
@@ -270,12 +268,9 @@ pub fn cancel(args: CancelArgs) -> Result<()> {
 
 /// `effnet worker --job-file F --key K`: the job file checked like `effnet submit` checks it and
 /// submitted with the key (idempotent); the job's id.
-pub(crate) fn submit_keyed(url: &str, token: &TokenArgs, job: &std::path::Path, key: &str) -> Result<String> {
-    JobSpec::load(job)?;
-    let yaml = std::fs::read_to_string(job).map_err(|error| bad_input!("{}: {error}", job.display()))?;
+pub(crate) fn submit_keyed(url: &str, token: &TokenArgs, job: &Path, key: &str) -> Result<String> {
     let client = Client::new(url, &token.token()?)?;
-    let submitted =
-        runtime()?.block_on(client.submit_keyed(&yaml, &source_name(job), &JobStart::Latest, Some(key)))?;
+    let submitted = submit_file(&client, job, &JobStart::Latest, Some(key))?;
     tracing::info!(job = %submitted.id, key, "job file submitted (or found by its key)");
     Ok(submitted.id)
 }

@@ -65,11 +65,7 @@ pub fn launch(job_file: &Path, args: &TrainArgs, spec: &JobSpec) -> Result<()> {
         let _ = stopped.await;
     }));
     let outcome = (|| {
-        let start = match (&args.resume, args.fresh) {
-            (Some(url), _) => JobStart::Checkpoint { url: url.clone() },
-            (None, true) => JobStart::Fresh,
-            (None, false) => JobStart::Latest,
-        };
+        let start = JobStart::from_flags(args.resume.clone(), args.fresh);
         let id = job_id(&runtime, &state, &state_dir, job_file, spec, start)?;
         let launcher = Launcher { url, id, token_file, backend, workers: spec.distributed.workers as usize };
         launcher.generations(&runtime, &state, args)

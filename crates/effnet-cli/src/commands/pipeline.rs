@@ -187,7 +187,7 @@ fn run_pipeline(args: &RunArgs) -> Result<()> {
                 .with_context(|| format!("stage {}: no train stage {} before it", stage.name, report.jobs))?
                 .1;
             let out = quick.map_or(&report.out, |q| &q.report_out);
-            run_report(&stage.name, &pipeline, jobs, out)?;
+            run_report(&stage.name, &pipeline, jobs, out, &report.points)?;
         }
     }
     out!("pipeline {} done in {:.0} s", pipeline.name, started.elapsed().as_secs_f64());
@@ -448,7 +448,14 @@ fn run_job(stage: &str, job: &TrainJob, spec: &JobSpec, work_dir: &Path) -> Resu
     Ok(())
 }
 
-fn run_report(stage: &str, pipeline: &PipelineFile, jobs: &[(TrainJob, JobSpec)], out: &Path) -> Result<()> {
+/// `points`: the groups drawn unconnected (the stage's `report.points`).
+fn run_report(
+    stage: &str,
+    pipeline: &PipelineFile,
+    jobs: &[(TrainJob, JobSpec)],
+    out: &Path,
+    points: &[String],
+) -> Result<()> {
     let study_file = out.join("study.json");
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let newest_job =
@@ -464,7 +471,7 @@ fn run_report(stage: &str, pipeline: &PipelineFile, jobs: &[(TrainJob, JobSpec)]
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     super::report::write(&report, &out.display().to_string())?;
     let rows = study_rows(jobs)?;
-    let chart = study_chart(&rows, &report_stage_points(pipeline, stage));
+    let chart = study_chart(&rows, points);
     std::fs::write(out.join("study.svg"), chart.to_svg())?;
     std::fs::write(&study_file, serde_json::to_string_pretty(&rows)?)?;
     std::fs::write(out.join("study.md"), study_markdown(pipeline, &rows))?;
@@ -495,16 +502,6 @@ fn study_rows(jobs: &[(TrainJob, JobSpec)]) -> Result<Vec<StudyRow>> {
         });
     }
     Ok(rows)
-}
-
-fn report_stage_points(pipeline: &PipelineFile, stage: &str) -> Vec<String> {
-    pipeline
-        .stages
-        .iter()
-        .find(|s| s.name == stage)
-        .and_then(|s| s.report.as_ref())
-        .map(|r| r.points.clone())
-        .unwrap_or_default()
 }
 
 /// Top-1 (raw weights) against FLOPs, one line per group, in the order the groups first appear;
