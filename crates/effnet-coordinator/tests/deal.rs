@@ -104,19 +104,31 @@ fn rejected(error: ClientError) -> (u16, String) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generations_are_dealt_from_the_checkpoint_store_exactly_once_at_any_world_size() {
+/// A directory with the dataset (`train/`), its row groups, the job's checkpoint store
+/// (`checkpoints/`, empty) and a job file `name` reading them with `distributed`.
+async fn job_on_disk(
+    name: &str,
+    distributed: &str,
+) -> (tempfile::TempDir, Vec<RowGroupRef>, CheckpointStore, String) {
     let dir = tempfile::tempdir().unwrap();
     let data_url = dir.path().join("train").display().to_string();
     let checkpoints_url = dir.path().join("checkpoints").display().to_string();
     let groups = dataset(&data_url).await;
+    let store = CheckpointStore::new(effnet_store::open(&checkpoints_url).unwrap());
+    let yaml = format!(
+        "name: {name}\nseed: {SEED}\nmodel: {{variant: b0}}\ndata: {{train: '{data_url}'}}\n\
+         checkpoint: {{url: '{checkpoints_url}'}}\ndistributed: {distributed}\n"
+    );
+    (dir, groups, store, yaml)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_are_dealt_from_the_checkpoint_store_exactly_once_at_any_world_size() {
+    let (dir, groups, store, yaml) =
+        job_on_disk("dealt", "{workers: 3, min_workers: 2, max_restarts: 9}").await;
     let state_dir = dir.path().join("coordinator");
     let (url, stop) = serve(&state_dir).await;
     let client = Client::new(&url, TOKEN).unwrap();
-    let yaml = format!(
-        "name: dealt\nseed: {SEED}\nmodel: {{variant: b0}}\ndata: {{train: '{data_url}'}}\n\
-         checkpoint: {{url: '{checkpoints_url}'}}\ndistributed: {{workers: 3, min_workers: 2, max_restarts: 9}}\n"
-    );
     let job = client.submit(&yaml, "dealt.yaml", &JobStart::Latest).await.unwrap().id;
 
     // Generation 1 forms: no assignment until every rank joined.
@@ -140,7 +152,6 @@ async fn generations_are_dealt_from_the_checkpoint_store_exactly_once_at_any_wor
     }
 
     // Rank 0 commits step 12 mid-epoch and reports it; then a rank dies.
-    let store = CheckpointStore::new(effnet_store::open(&checkpoints_url).unwrap());
     let saved = mid_epoch(&groups, [9, 14, 5]);
     checkpoint(&store, 12, Some(&saved)).await;
     let report = CheckpointReport { step: 12, url: store.url_of(12) };
@@ -205,19 +216,11 @@ async fn generations_are_dealt_from_the_checkpoint_store_exactly_once_at_any_wor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_starts_where_it_was_submitted_to_until_it_commits_its_own_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_url = dir.path().join("train").display().to_string();
-    let checkpoints_url = dir.path().join("checkpoints").display().to_string();
-    let groups = dataset(&data_url).await;
-    let store = CheckpointStore::new(effnet_store::open(&checkpoints_url).unwrap());
+    let (dir, groups, store, yaml) = job_on_disk("start", "{workers: 3}").await;
     checkpoint(&store, 8, Some(&mid_epoch(&groups, [4, 4, 4]))).await;
     checkpoint(&store, 16, None).await;
     let (url, stop) = serve(&dir.path().join("coordinator")).await;
     let client = Client::new(&url, TOKEN).unwrap();
-    let yaml = format!(
-        "name: start\nseed: {SEED}\nmodel: {{variant: b0}}\ndata: {{train: '{data_url}'}}\n\
-         checkpoint: {{url: '{checkpoints_url}'}}\ndistributed: {{workers: 3}}\n"
-    );
     let starts = [
         (JobStart::Latest, StartPoint::Checkpoint { step: 16, url: store.url_of(16) }),
         (JobStart::Fresh, StartPoint::Fresh),
@@ -236,7 +239,7 @@ async fn a_job_starts_where_it_was_submitted_to_until_it_commits_its_own_checkpo
         client.cancel(&job).await.unwrap();
     }
     // A --resume URL that holds no checkpoint: the job's problem, named.
-    let missing = format!("{checkpoints_url}/step-00000099");
+    let missing = store.url_of(99);
     let job =
         client.submit(&yaml, "start.yaml", &JobStart::Checkpoint { url: missing.clone() }).await.unwrap().id;
     let workers = generation(&client, &job, 3).await;

@@ -295,6 +295,21 @@ fn mpi_workers(
     token_file: &Path,
     envs: &std::collections::BTreeMap<String, String>,
 ) -> Child {
+    mpi_worker_command(workers, coordinator, id, token_file)
+        .envs(envs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `mpirun -n W effnet worker --coordinator URL --job ID ...`, not started yet.
+pub(crate) fn mpi_worker_command(
+    workers: u32,
+    coordinator: &Coordinator,
+    id: &str,
+    token_file: &Path,
+) -> Command {
     let mut mpirun = Command::new("mpirun");
     mpirun.args(["-n", &workers.to_string(), "--bind-to", "none", "--oversubscribe"]);
     if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
@@ -306,12 +321,8 @@ fn mpi_workers(
         .args(["worker", "--coordinator", &coordinator.url, "--job", id, "--progress", "never"])
         .arg("--token-file")
         .arg(token_file)
-        .envs(envs)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .env("RUST_LOG", "warn");
+    mpirun
 }
 
 /// Elastic: a job of 3 workers with `min_workers: 2`, launched as `mpirun -n 3`; one worker is

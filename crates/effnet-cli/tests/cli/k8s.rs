@@ -16,13 +16,12 @@ fn python() -> PathBuf {
 }
 
 fn validate(dir: &Path) -> Outcome {
-    let output =
-        Command::new(python()).arg(workspace_root().join("infra/k8s/validate.py")).arg(dir).output().unwrap();
-    Outcome {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Command::new(python())
+        .arg(workspace_root().join("infra/k8s/validate.py"))
+        .arg(dir)
+        .output()
+        .unwrap()
+        .into()
 }
 
 /// A copy of infra/k8s with `edit` applied to `file`.

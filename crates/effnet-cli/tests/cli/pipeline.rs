@@ -6,22 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{Outcome, assert_bad_input, workspace_root};
-
-/// `effnet ARGS` with `dir` as the working directory (the pipeline's relative paths).
-fn effnet_in(dir: &Path, args: &[&str]) -> Outcome {
-    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("effnet binary runs");
-    Outcome {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
+use crate::common::{assert_bad_input, effnet_in, workspace_root};
 
 fn copy(from: &str, to: &Path) {
     let target = to.join(from);
@@ -167,18 +152,8 @@ fn a_pipeline_submits_its_jobs_to_a_coordinator_and_waits_for_them() {
             if job["state"] != "queued" || !launched.insert(id.clone()) {
                 continue;
             }
-            let mut mpirun = Command::new("mpirun");
-            mpirun.args(["-n", "2", "--bind-to", "none", "--oversubscribe"]);
-            if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
-                mpirun.arg("--allow-run-as-root");
-            }
-            let workers = mpirun
-                .arg(env!("CARGO_BIN_EXE_effnet"))
-                .args(["worker", "--coordinator", &coordinator.url, "--job", &id, "--progress", "never"])
-                .arg("--token-file")
-                .arg(&token_file)
+            let workers = crate::coordinator::mpi_worker_command(2, &coordinator, &id, &token_file)
                 .current_dir(elsewhere.path())
-                .env("RUST_LOG", "warn")
                 .output()
                 .unwrap();
             assert!(workers.status.success(), "job {id}: {}", String::from_utf8_lossy(&workers.stderr));

@@ -17,23 +17,34 @@ pub struct Outcome {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Outcome {
+    fn from(output: std::process::Output) -> Outcome {
+        Outcome {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
 pub fn effnet(args: &[&str]) -> Outcome {
     effnet_with_env(args, &[])
 }
 
 /// Run the binary with extra environment variables.
 pub fn effnet_with_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
-    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .output()
-        .expect("effnet binary runs");
-    Outcome {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    effnet_command(args).envs(env.iter().copied()).output().expect("effnet binary runs").into()
+}
+
+/// `effnet ARGS` with `dir` as the working directory (for files with relative paths).
+pub fn effnet_in(dir: &Path, args: &[&str]) -> Outcome {
+    effnet_command(args).current_dir(dir).output().expect("effnet binary runs").into()
+}
+
+fn effnet_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_effnet"));
+    command.args(args).env("RUST_LOG", "warn");
+    command
 }
 
 /// `effnet eval ARGS --json`, which must succeed, as JSON.
