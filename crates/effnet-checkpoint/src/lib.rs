@@ -110,6 +110,9 @@ impl CheckpointStore {
             effnet_store::put_bytes(store, &self.location.path(&format!("{directory}/{name}"))?, content)
                 .await?;
             digests.insert(name, digest);
+            if digests.len() == 1 {
+                effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
+            }
         }
         let commit = Commit { format: COMMIT_FORMAT, step, metric, files: digests };
         let marker = serde_json::to_vec_pretty(&commit).map_err(|e| Error::Internal(e.to_string()))?;

@@ -65,13 +65,18 @@
 //! - [`io`]: get/put/range/list/delete helpers, [`MultipartWriter`], [`buffered_writer`] (for
 //!   parquet's `AsyncArrowWriter`), commit markers.
 //! - [`read_only`]: the wrapper that makes `http(s)://` refuse writes.
+//! - [`retrying`]: the layer every opened store sits behind: reads resumed where their body broke
+//!   off, transient failures retried.
+//! - [`faults`]: fault injection for the reliability tests (`EFFNET_FAULT`, `EFFNET_STORE_FAULTS`).
 //! - `testing` (feature `test-server`): a moto S3 server on loopback and the conformance suite.
 
 pub mod error;
+pub mod faults;
 pub mod io;
 pub mod location;
 pub mod options;
 pub mod read_only;
+pub mod retrying;
 #[cfg(feature = "test-server")]
 pub mod testing;
 

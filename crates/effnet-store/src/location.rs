@@ -102,6 +102,18 @@ pub fn open_with(url: &str, options: &StoreOptions) -> Result<StoreLocation> {
         Scheme::Azure => open_azure(url, options)?,
         Scheme::Http => open_http(url, options)?,
     };
+    let faults = crate::faults::FaultPlan::from_env()?;
+    let store = match faults.clone() {
+        Some(plan) => Arc::new(crate::faults::FaultyStore::new(store, plan)) as Arc<dyn ObjectStore>,
+        None => store,
+    };
+    // Memory stores fail only when faults are injected; unwrapped, two opens of one name stay
+    // the same store.
+    let store: Arc<dyn ObjectStore> = if scheme == Scheme::Memory && faults.is_none() {
+        store
+    } else {
+        Arc::new(crate::retrying::RetryingStore::new(store))
+    };
     Ok(StoreLocation { store, prefix, scheme, url: url.to_string() })
 }
 

@@ -103,3 +103,29 @@ async fn http_location_refuses_writes_before_any_request() {
     let err = put_bytes(location.store.as_ref(), &path, &b"x"[..]).await.unwrap_err();
     assert!(matches!(&err, Error::ReadOnly { url, .. } if url == "http://127.0.0.1:9/datasets"), "{err:?}");
 }
+
+/// The suite again on moto, with one read in three failing: 503s, throttling, timeouts, bodies
+/// cut off half way and slow answers (seeded). Every read comes back whole through the retry
+/// layer, which resumes cut-off bodies from the byte they reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_on_moto_passes_the_suite_through_read_faults() {
+    use effnet_store::faults::{FaultPlan, FaultyStore};
+    use effnet_store::retrying::RetryingStore;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let server = S3TestServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let plain = server.open("datasets/faults").expect("open s3");
+    let plan = FaultPlan::parse(
+        "seed=5,error=0.08,throttle=0.06,timeout=0.04,truncate=0.12,slow=0.04,timeout_ms=20,slow_ms=20",
+    )
+    .expect("plan");
+    let faulty = Arc::new(FaultyStore::new(plain.store.clone(), plan));
+    let location = StoreLocation { store: Arc::new(RetryingStore::new(faulty.clone())), ..plain };
+    conformance::run_all(&location).await;
+    buffered_writer_round_trip(&location).await;
+    let counts = &faulty.counts;
+    let (requests, failures) = (counts.requests.load(Ordering::Relaxed), counts.failures());
+    assert!(failures >= 5, "{failures} faults in {requests} requests: the suite did not meet enough faults");
+    assert!(counts.truncate.load(Ordering::Relaxed) >= 1, "no body was cut off");
+}

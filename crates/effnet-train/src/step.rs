@@ -11,6 +11,7 @@
 //! `distributed.overlap` the gradient buckets are all-reduced there as backward completes them
 //! ([`OverlappedSum`]), before the step's small all-reduce of counts.
 
+use effnet_store::faults::{Phase, point as fault_point};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +125,7 @@ impl TrainStep {
                 };
                 let mut totals =
                     [loss_sum, local_samples as f64, input.skipped.len() as f64, f64::from(input.share_done)];
+                fault_point(Phase::AllReduce, step + 1, Some(self.rank as usize));
                 parallel.sum(&mut totals)?;
                 if totals[1] > 0.0 && overlap.is_none() {
                     if local_samples == 0 {
@@ -205,10 +207,16 @@ impl TrainStep {
                     (&empty.0, &empty.1)
                 }
             };
+            if micro == 0 {
+                fault_point(Phase::Forward, step + 1, Some(self.rank as usize));
+            }
             let logits = network.forward(images, true)?;
             crate::hooks::check(self.sync_batch_norm.as_deref())?;
             let loss =
                 logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, -100, self.label_smoothing);
+            if micro == last {
+                fault_point(Phase::Backward, step + 1, Some(self.rank as usize));
+            }
             match overlap {
                 Some(summed) if micro == last => {
                     let trainable: Vec<&Tensor> = parameters.iter().map(|(_, t)| t).collect();

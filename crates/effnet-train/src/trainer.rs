@@ -39,6 +39,7 @@ use crate::progress::{Console, LiveProgress, TrainProgress};
 use crate::state::{CheckpointContent, RunIdentity, Stateful};
 use crate::step::{StepOutcome, TrainStep, step_seed};
 use crate::sync::{DataParallel, connect};
+use effnet_store::faults::{Phase, point as fault_point};
 
 /// How this process was started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,6 +331,7 @@ impl<'a> Training<'a> {
         let epoch_samples = self.plan.train_samples;
         while !self.progress.is_done(self.plan.length, epoch_samples) {
             let step_started = Instant::now();
+            fault_point(Phase::DataRead, self.progress.step + 1, Some(self.rank));
             let input = self.feed.next_step(self.step.accumulate as usize)?;
             let waited = step_started.elapsed();
             let before = self.progress.clone();

@@ -147,6 +147,12 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         job: job_id.to_string(),
         worker: worker.clone(),
     };
+    // Test fault point (docs/reliability.md): its "step" is the generation's number.
+    effnet_store::faults::point(
+        effnet_store::faults::Phase::Rendezvous,
+        u64::from(answer.generation),
+        Some(joined.rank as usize),
+    );
     let options = RunOptions {
         resume,
         progress: args.progress(),

@@ -13,6 +13,7 @@ mod data;
 mod distributed;
 mod eval;
 mod exactly_once;
+mod faults;
 mod k8s;
 mod overrides;
 mod parity;
