@@ -22,6 +22,9 @@ use effnet_store::{COMMIT_MARKER, StoreLocation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The object [`CheckpointStore::check_writable`] writes and deletes at the start of a run.
+pub const WRITE_PROBE: &str = ".effnet-write-check";
+
 pub use crate::error::{Error, Result};
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -123,6 +126,16 @@ impl CheckpointStore {
         )
         .await?;
         Ok(SaveStats { step, bytes: total, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// Write and delete a small probe object, so that a location the run cannot write fails
+    /// before training rather than at its first checkpoint.
+    pub async fn check_writable(&self) -> Result<()> {
+        let probe = self.location.path(WRITE_PROBE)?;
+        let store = self.location.store.as_ref();
+        effnet_store::put_bytes(store, &probe, &b"effnet write check"[..]).await?;
+        effnet_store::delete(store, &probe).await?;
+        Ok(())
     }
 
     /// Step directories present (committed or not), ascending, with their objects.

@@ -55,10 +55,10 @@ use std::path::Path;
 pub use error::ConfigError;
 pub use overrides::Override;
 pub use spec::{
-    AugmentationConfig, Backend, BatchNormStyle, CheckpointConfig, ClassifierInit, DataConfig, Device,
-    DistributedConfig, DropPathConfig, DropPathSchedule, EmaConfig, EvalConfig, GradientDtype, JobSpec,
-    ModelConfig, NormalizationKind, OptimizerConfig, OptimizerKind, Precision, RandAugmentConfig,
-    ReportConfig, ScheduleConfig, ScheduleKind, Span, TrainingConfig, Variant,
+    AugmentationConfig, Backend, BatchNormStyle, CheckpointConfig, CheckpointOnError, ClassifierInit,
+    DataConfig, Device, DistributedConfig, DropPathConfig, DropPathSchedule, EmaConfig, EvalConfig,
+    GradientDtype, JobSpec, ModelConfig, NormalizationKind, OptimizerConfig, OptimizerKind, Precision,
+    RandAugmentConfig, ReportConfig, ScheduleConfig, ScheduleKind, Span, TrainingConfig, Variant,
 };
 
 impl JobSpec {

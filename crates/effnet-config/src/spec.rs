@@ -638,12 +638,35 @@ pub struct CheckpointConfig {
     /// Best-by-validation-accuracy checkpoints kept besides those.
     #[serde(deserialize_with = "integers::non_negative_u32")]
     pub keep_best: u32,
+    /// What a failed save does (a full disk, a denied directory, a store that gave up).
+    pub on_error: CheckpointOnError,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { url: None, every_steps: None, at_epoch_end: true, keep_last: 3, keep_best: 1 }
+        CheckpointConfig {
+            url: None,
+            every_steps: None,
+            at_epoch_end: true,
+            keep_last: 3,
+            keep_best: 1,
+            on_error: CheckpointOnError::Stop,
+        }
     }
+}
+
+/// What a failed checkpoint save does. Either way the failed checkpoint is never committed (its
+/// marker is written last), so the committed ones stay the resume points.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointOnError {
+    /// The run stops with the error (a coordinator's engine restarts it from the newest committed
+    /// checkpoint): no training goes on that a crash could lose.
+    #[default]
+    Stop,
+    /// The run logs the failure (`checkpoint_failed` in metrics.jsonl, the summary) and trains on;
+    /// the next checkpoint tries again.
+    Continue,
 }
 
 /// Periodic evaluation on `data.val`.

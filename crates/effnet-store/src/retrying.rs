@@ -59,32 +59,48 @@ async fn sleep(duration: Duration) {
     let _ = receiver.await;
 }
 
+/// The kind of the first `std::io::Error` in an error's chain: how local disks say why.
+pub fn io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cause = error.source();
+    }
+    None
+}
+
+/// True when a local disk refused for a reason no retry cures: full, read-only, denied.
+pub fn is_refusal(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        kind,
+        ErrorKind::StorageFull
+            | ErrorKind::PermissionDenied
+            | ErrorKind::ReadOnlyFilesystem
+            | ErrorKind::QuotaExceeded
+            | ErrorKind::FileTooLarge
+    )
+}
+
 /// True when trying again may succeed.
 pub fn is_transient(error: &object_store::Error) -> bool {
     use std::io::ErrorKind;
     match error {
-        object_store::Error::Generic { source, .. } => {
-            // Local disks say why in an io::Error somewhere down the chain.
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
-            while let Some(error) = cause {
-                if let Some(io) = error.downcast_ref::<std::io::Error>() {
-                    return !matches!(
-                        io.kind(),
-                        ErrorKind::StorageFull
-                            | ErrorKind::PermissionDenied
-                            | ErrorKind::ReadOnlyFilesystem
-                            | ErrorKind::QuotaExceeded
-                            | ErrorKind::NotFound
+        object_store::Error::Generic { source, .. } => match io_kind(source.as_ref()) {
+            Some(kind) => {
+                !is_refusal(kind)
+                    && !matches!(
+                        kind,
+                        ErrorKind::NotFound
                             | ErrorKind::IsADirectory
                             | ErrorKind::NotADirectory
                             | ErrorKind::InvalidInput
-                            | ErrorKind::FileTooLarge
-                    );
-                }
-                cause = error.source();
+                    )
             }
-            true
-        }
+            None => true,
+        },
         object_store::Error::JoinError { .. } => true,
         _ => false,
     }

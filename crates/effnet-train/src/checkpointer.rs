@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use effnet_config::JobSpec;
+use effnet_config::{CheckpointOnError, JobSpec};
 use serde_json::json;
 
 use crate::checkpoint::{self, CheckpointStore, SaveStats};
@@ -31,7 +31,8 @@ pub enum ResumeFrom {
     Fresh,
 }
 
-type PendingSave = tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>;
+/// A save in the background: its step and the task writing it.
+type PendingSave = (u64, tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>);
 
 pub struct Checkpointer {
     url: String,
@@ -44,8 +45,11 @@ pub struct Checkpointer {
     keep_last: usize,
     keep_best: usize,
     pending: Option<PendingSave>,
+    on_error: CheckpointOnError,
     /// Saves finished so far in this run.
     pub saves: Vec<SaveStats>,
+    /// Steps whose save failed (with `checkpoint.on_error: continue`).
+    pub failed: Vec<u64>,
 }
 
 impl Checkpointer {
@@ -65,7 +69,9 @@ impl Checkpointer {
             keep_last: spec.checkpoint.keep_last as usize,
             keep_best: spec.checkpoint.keep_best as usize,
             pending: None,
+            on_error: spec.checkpoint.on_error,
             saves: Vec::new(),
+            failed: Vec::new(),
         })
     }
 
@@ -79,6 +85,7 @@ impl Checkpointer {
     ) -> Result<Option<CheckpointContent>> {
         let mut chosen: Option<(String, HashMap<String, Bytes>)> = None;
         if self.writer {
+            self.check_writable(runtime)?;
             chosen = match (resume, &self.store) {
                 (ResumeFrom::Fresh | ResumeFrom::Scratch, _) | (ResumeFrom::Latest, None) => None,
                 (ResumeFrom::Latest, Some(store)) => {
@@ -123,6 +130,26 @@ impl Checkpointer {
             }
         };
         CheckpointContent::from_files(&url, files).map(Some)
+    }
+
+    /// Fail now, not at the first checkpoint an hour in, when the checkpoint location refuses
+    /// writes (denied, read-only, full): that is the job's configuration, exit status 2.
+    fn check_writable(&self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+        let store = match &self.store {
+            Some(store) => store.clone(),
+            None => CheckpointStore::new(
+                effnet_store::open(&self.url).map_err(|e| Error::invalid("checkpoint.url", e.to_string()))?,
+            ),
+        };
+        runtime.block_on(store.check_writable()).map_err(|error| {
+            let refused =
+                effnet_store::retrying::io_kind(&error).is_some_and(effnet_store::retrying::is_refusal);
+            if refused {
+                Error::invalid("checkpoint.url", format!("'{}' cannot be written: {error}", self.url))
+            } else {
+                error.into()
+            }
+        })
     }
 
     /// A checkpoint is due after this step.
@@ -170,18 +197,21 @@ impl Checkpointer {
             }
         };
         let (keep_last, keep_best) = (self.keep_last, self.keep_best);
-        self.pending = Some(runtime.spawn(async move {
-            let stats = store.save(step, metric, files).await?;
-            let deleted = store.purge(keep_last, keep_best).await?;
-            Ok((stats, deleted))
-        }));
+        self.pending = Some((
+            step,
+            runtime.spawn(async move {
+                let stats = store.save(step, metric, files).await?;
+                let deleted = store.purge(keep_last, keep_best).await?;
+                Ok((stats, deleted))
+            }),
+        ));
         Ok(())
     }
 
     /// Log a save that finished in the background now, not when the next one starts: a run
     /// killed before then still has its checkpoint in the log.
     pub fn poll(&mut self, runtime: &tokio::runtime::Runtime, metrics: &mut MetricsLog) -> Result<()> {
-        if self.pending.as_ref().is_some_and(|save| save.is_finished())
+        if self.pending.as_ref().is_some_and(|(_, save)| save.is_finished())
             && let Some(done) = self.pending.take()
         {
             self.finish_one(runtime, done, metrics)?;
@@ -208,8 +238,27 @@ impl Checkpointer {
         save: PendingSave,
         metrics: &mut MetricsLog,
     ) -> Result<()> {
-        let (stats, deleted) =
-            runtime.block_on(save).map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))??;
+        let (step, task) = save;
+        let saved = runtime
+            .block_on(task)
+            .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))
+            .and_then(|saved| saved);
+        let (stats, deleted) = match saved {
+            Ok(saved) => saved,
+            Err(error) => {
+                let url = self.url_of(step);
+                let newest =
+                    self.saves.last().map_or("none in this run".to_string(), |s| format!("step {}", s.step));
+                let reason = error.to_string();
+                if self.on_error == CheckpointOnError::Stop {
+                    return Err(Error::CheckpointFailed { url, reason, newest });
+                }
+                tracing::warn!(%url, %reason, "checkpoint failed; training goes on (checkpoint.on_error: continue)");
+                metrics.write("checkpoint_failed", json!({ "step": step, "url": url, "error": reason }))?;
+                self.failed.push(step);
+                return Ok(());
+            }
+        };
         metrics.write(
             "checkpoint",
             json!({ "step": stats.step, "bytes": stats.bytes, "save_s": stats.seconds, "purged": deleted }),

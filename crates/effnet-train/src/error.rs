@@ -18,6 +18,12 @@ pub enum Error {
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 
+    /// A checkpoint could not be saved (with `checkpoint.on_error: stop`). It is not committed.
+    #[error(
+        "checkpoint {url} was not saved: {reason}; it is not committed, the newest committed one is intact ({newest}); set checkpoint.on_error: continue to train on without it"
+    )]
+    CheckpointFailed { url: String, reason: String, newest: String },
+
     #[error(transparent)]
     Data(#[from] effnet_data::Error),
 
@@ -49,7 +55,11 @@ impl Error {
             Error::Data(error) => error.is_bad_input(),
             Error::Store(error) => error.is_bad_input(),
             Error::Model(error) => error.is_bad_input(),
-            Error::Io { .. } | Error::Torch(_) | Error::Collective(_) | Error::Internal(_) => false,
+            Error::Io { .. }
+            | Error::CheckpointFailed { .. }
+            | Error::Torch(_)
+            | Error::Collective(_)
+            | Error::Internal(_) => false,
         }
     }
 

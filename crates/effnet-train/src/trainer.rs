@@ -94,6 +94,8 @@ pub struct RunSummary {
     pub skipped_samples: u64,
     pub skipped: Vec<SkippedSample>,
     pub checkpoints: Vec<SaveStats>,
+    /// Steps whose checkpoint failed and was skipped (`checkpoint.on_error: continue`).
+    pub failed_checkpoints: Vec<u64>,
     /// Peak resident memory of this process (Linux VmHWM), bytes.
     pub peak_memory_bytes: Option<u64>,
     /// Peak bytes held by tensors on this rank's GPU (the CUDA caching allocator's), on CUDA.
@@ -684,6 +686,7 @@ impl<'a> Training<'a> {
             skipped_samples: self.totals.skipped_count,
             skipped: self.totals.skipped,
             checkpoints: self.checkpointer.saves,
+            failed_checkpoints: self.checkpointer.failed,
             peak_memory_bytes: peak_rss_bytes(),
             gpu_memory_peak_bytes: gpu.map(|m| m.allocated_peak),
             gpu_memory_reserved_peak_bytes: gpu.map(|m| m.reserved_peak),

@@ -285,4 +285,12 @@ fn print_summary(summary: &RunSummary) {
             last.seconds
         );
     }
+    if !summary.failed_checkpoints.is_empty() {
+        let steps: Vec<String> = summary.failed_checkpoints.iter().map(u64::to_string).collect();
+        println!(
+            "failed           {} checkpoint(s) not saved, of steps {} (checkpoint_failed in metrics.jsonl)",
+            steps.len(),
+            steps.join(", ")
+        );
+    }
 }

@@ -278,3 +278,159 @@ fn a_store_that_fails_reads_and_checkpoint_writes() {
         assert_eq!(checkpoints.len(), 8, "{checkpoints:?}");
     }
 }
+
+/// A small tmpfs mounted for a test, unmounted when dropped (needs root, as the Slurm test).
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: PathBuf, megabytes: u64) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs at {} needs root", path.display());
+        SmallDisk { path }
+    }
+
+    fn grow(&self, megabytes: u64) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={megabytes}m")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// A directory made immutable (`chattr +i`: even root gets "Operation not permitted"), made
+/// mutable again when dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("chattr").arg("+i").arg(path).status().unwrap();
+        assert!(status.success(), "chattr +i {} (root on a filesystem with attributes)", path.display());
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// The exactly-once job on one worker with its checkpoints (32.7 MB each) at `checkpoints`.
+fn single_worker_job(dir: &Path, data: &Path, checkpoints: &Path, on_error: &str) -> PathBuf {
+    let yaml = write_job_reading(dir, &data.join("train").display().to_string(), 1);
+    let text = std::fs::read_to_string(&yaml).unwrap().replace(
+        "checkpoint:\n",
+        &format!("checkpoint:\n  url: {}\n  on_error: {on_error}\n", checkpoints.display()),
+    );
+    std::fs::write(&yaml, text).unwrap();
+    yaml
+}
+
+/// The checkpoint disk fills at the third checkpoint (80 MB holds two). The run stops with one
+/// line naming the checkpoint, the cause and the newest committed one; the half-written
+/// directory has no marker; the committed ones verify; with room made, the same command resumes
+/// and the epoch is trained exactly once.
+#[test]
+fn a_full_checkpoint_disk_stops_the_run_and_loses_nothing() {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("disk"), 80);
+    let checkpoints = disk.path.join("checkpoints");
+    let yaml = single_worker_job(dir.path(), data.path(), &checkpoints, "stop");
+    let outcome = crate::common::effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    let lines: Vec<&str> = outcome.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{}", outcome.stderr);
+    for needle in
+        ["step-00000024 was not saved", "No space left on device", "newest committed one is intact (step 16)"]
+    {
+        assert!(lines[0].contains(needle), "{needle:?} not in {}", lines[0]);
+    }
+    assert!(checkpoints.join("step-00000016/COMMIT").exists());
+    assert!(!checkpoints.join("step-00000024/COMMIT").exists(), "a half checkpoint was committed");
+    assert_checkpoints_whole(&disk.path);
+
+    disk.grow(1024);
+    let again = crate::common::effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let job_dir = dir.path().join("job");
+    let starts = records(&job_dir, "start");
+    assert_eq!(starts.last().unwrap()["step"], 16, "{starts:?}");
+    assert_resumed_epoch_exactly_once(&job_dir, 16);
+    assert_checkpoints_whole(&disk.path);
+}
+
+/// The same full disk with `checkpoint.on_error: continue`: the run trains to the end, and the
+/// failed checkpoints are in the summary and metrics.jsonl, never committed.
+#[test]
+fn a_full_checkpoint_disk_with_on_error_continue_trains_on() {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("disk"), 80);
+    let checkpoints = disk.path.join("checkpoints");
+    let yaml = single_worker_job(dir.path(), data.path(), &checkpoints, "continue");
+    let outcome = crate::common::effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let job_dir = dir.path().join("job");
+    let failed: Vec<u64> =
+        records(&job_dir, "checkpoint_failed").iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    // 126 steps of 8 (one rank): checkpoints at 8, 16, ... 120 and the end; two fit.
+    assert_eq!(failed.first(), Some(&24), "{failed:?}");
+    assert_eq!(failed.len(), records(&job_dir, "checkpoint").len() + failed.len() - 2, "{failed:?}");
+    assert!(outcome.stdout.contains(&format!("failed           {} checkpoint(s) not saved", failed.len())));
+    for step in &failed {
+        assert!(!checkpoints.join(format!("step-{step:08}/COMMIT")).exists());
+    }
+    let trained: Vec<String> = crate::common::sample_lines(&job_dir).into_iter().flat_map(|l| l.3).collect();
+    assert_exactly_once(&trained);
+    assert_checkpoints_whole(&disk.path);
+}
+
+/// A checkpoint location and a job directory that refuse writes: refused before training, in
+/// one line naming the path; nothing is trained that could not be kept.
+#[test]
+fn denied_checkpoint_and_job_directories_are_refused_before_training() {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = dir.path().join("denied");
+    let yaml = single_worker_job(dir.path(), data.path(), &checkpoints, "stop");
+    let denied = Immutable::set(&checkpoints);
+    let outcome = crate::common::effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    crate::common::assert_bad_input(
+        &outcome,
+        &[
+            "checkpoint.url",
+            &format!("'{}' cannot be written", checkpoints.display()),
+            "Operation not permitted",
+        ],
+    );
+    let metrics = dir.path().join("job/metrics.jsonl");
+    assert!(!metrics.exists() || records(&dir.path().join("job"), "step").is_empty(), "steps were trained");
+    drop(denied);
+
+    let job_dir = dir.path().join("job");
+    let _ = std::fs::remove_dir_all(&job_dir);
+    let _denied = Immutable::set(&job_dir);
+    let outcome = crate::common::effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_ne!(outcome.code, 0);
+    let lines: Vec<&str> = outcome.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{}", outcome.stderr);
+    assert!(lines[0].contains(&job_dir.display().to_string()), "{}", lines[0]);
+    assert!(lines[0].contains("Operation not permitted"), "{}", lines[0]);
+}
