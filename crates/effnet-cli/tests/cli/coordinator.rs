@@ -23,7 +23,7 @@ impl Coordinator {
 
     /// On a given address, with a 5 s heartbeat timeout (workers heartbeat every second) and
     /// `envs` (the object store's credentials: it reads the job's data and checkpoints).
-    fn start_on(
+    pub(crate) fn start_on(
         listen: &str,
         state_dir: &Path,
         token_file: &Path,

@@ -52,6 +52,23 @@ pub struct S3TestServer {
     address: SocketAddr,
     bucket: String,
     log_path: PathBuf,
+    /// Where a persistent server ([`S3TestServer::start_persistent`]) keeps its buckets.
+    state: Option<tempfile_free::StateDir>,
+}
+
+/// moto's server, restoring its buckets from a directory before it serves and saving them there
+/// on SIGTERM (moto itself keeps objects only in memory).
+const PERSISTENT_LAUNCHER: &str = include_str!("moto_persistent.py");
+
+mod tempfile_free {
+    /// A directory removed when dropped (this module is built without the tempfile crate).
+    pub struct StateDir(pub std::path::PathBuf);
+
+    impl Drop for StateDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// The Python that runs moto: `EFFNET_PYTHON`, else `<workspace root>/.venv/bin/python`.
@@ -73,6 +90,47 @@ impl S3TestServer {
     /// Start moto and create a bucket. Blocks the calling thread for a few seconds; in an async
     /// test call it before doing anything else, or through `spawn_blocking`.
     pub fn start() -> Result<S3TestServer, TestServerError> {
+        Self::start_with(None)
+    }
+
+    /// A server whose buckets survive [`S3TestServer::restart`], as a real S3 server's do.
+    pub fn start_persistent() -> Result<S3TestServer, TestServerError> {
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let directory = std::env::temp_dir().join(format!(
+            "effnet-moto-state-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(directory.join("buckets")).map_err(|source| TestServerError::Io {
+            what: "creating the moto state directory".into(),
+            source,
+        })?;
+        std::fs::write(directory.join("launcher.py"), PERSISTENT_LAUNCHER)
+            .map_err(|source| TestServerError::Io { what: "writing the moto launcher".into(), source })?;
+        Self::start_with(Some(tempfile_free::StateDir(directory)))
+    }
+
+    /// Stop the server (SIGTERM: a persistent one saves its buckets), stay down for `down`
+    /// (requests meanwhile find no server), and start it again on the same address.
+    pub fn restart(&mut self, down: Duration) -> Result<(), TestServerError> {
+        let Some(state) = &self.state else {
+            return Err(TestServerError::Io {
+                what: "restarting the server".into(),
+                source: std::io::Error::other(
+                    "only a persistent server (start_persistent) keeps its objects",
+                ),
+            });
+        };
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = spawn_moto(&python_path(), self.address, &self.log_path, Some(&state.0))?;
+        self.wait_until_ready()
+    }
+
+    fn start_with(state: Option<tempfile_free::StateDir>) -> Result<S3TestServer, TestServerError> {
+        let mut state = state;
         let python = python_path();
         if !python.exists() {
             return Err(TestServerError::MissingPython { python, hint: SETUP_HINT });
@@ -80,7 +138,7 @@ impl S3TestServer {
         // A port taken between probing and moto binding it makes moto exit; try a few ports.
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_on_free_port(&python) {
+            match Self::start_on_free_port(&python, &mut state) {
                 Ok(server) => return Ok(server),
                 Err(TestServerError::Exited { log_tail, .. }) if log_tail.contains("No module named") => {
                     return Err(TestServerError::MissingMoto { python, hint: SETUP_HINT });
@@ -92,7 +150,10 @@ impl S3TestServer {
         Err(last_error.expect("three attempts were made"))
     }
 
-    fn start_on_free_port(python: &FsPath) -> Result<S3TestServer, TestServerError> {
+    fn start_on_free_port(
+        python: &FsPath,
+        state: &mut Option<tempfile_free::StateDir>,
+    ) -> Result<S3TestServer, TestServerError> {
         let io = |what: &str| {
             let what = what.to_string();
             move |source| TestServerError::Io { what, source }
@@ -103,18 +164,13 @@ impl S3TestServer {
 
         let log_path =
             std::env::temp_dir().join(format!("effnet-moto-{}-{}.log", std::process::id(), address.port()));
-        let log = std::fs::File::create(&log_path).map_err(io("creating the moto log file"))?;
-        let log_err = log.try_clone().map_err(io("duplicating the moto log file"))?;
-        let child = Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &address.port().to_string()])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(io(&format!("spawning {}", python.display())))?;
+        let child = spawn_moto(python, address, &log_path, state.as_ref().map(|s| s.0.as_path()))?;
         let bucket = format!("effnet-test-{}", address.port());
-        let mut server = S3TestServer { child, address, bucket, log_path };
-        server.wait_until_ready()?;
+        let mut server = S3TestServer { child, address, bucket, log_path, state: state.take() };
+        if let Err(error) = server.wait_until_ready() {
+            *state = server.state.take();
+            return Err(error);
+        }
         Ok(server)
     }
 
@@ -142,7 +198,10 @@ impl S3TestServer {
                 });
             }
             match create_bucket(self.address, &self.bucket) {
-                Ok(status_line) if status_line.contains(" 200") => return Ok(()),
+                // 409: a restarted persistent server already holds the bucket.
+                Ok(status_line) if status_line.contains(" 200") || status_line.contains(" 409") => {
+                    return Ok(());
+                }
                 Ok(status_line) => last = status_line,
                 Err(e) => last = e.to_string(),
             }
@@ -221,6 +280,37 @@ impl Drop for S3TestServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log_path);
     }
+}
+
+/// moto on `address`, logging to `log_path` (appended: a restart keeps the first run's log);
+/// persistent when given a state directory (its `launcher.py`, its `buckets/`).
+fn spawn_moto(
+    python: &FsPath,
+    address: SocketAddr,
+    log_path: &FsPath,
+    state: Option<&FsPath>,
+) -> Result<Child, TestServerError> {
+    let io = |what: String| move |source| TestServerError::Io { what, source };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(io("opening the moto log file".into()))?;
+    let log_err = log.try_clone().map_err(io("duplicating the moto log file".into()))?;
+    let mut command = Command::new(python);
+    match state {
+        Some(state) => command
+            .arg(state.join("launcher.py"))
+            .args(["127.0.0.1", &address.port().to_string()])
+            .arg(state.join("buckets")),
+        None => command.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &address.port().to_string()]),
+    };
+    command
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(io(format!("spawning {}", python.display())))
 }
 
 /// `PUT /bucket` with a syntactically valid SigV4 header (moto routes on its credential scope and
