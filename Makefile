@@ -7,6 +7,8 @@
 #   make test         fmt, clippy, all tests (installs the Python reference stack for parity tests)
 #   make bench        benchmarks against PyTorch (model step, input pipeline, training) and the
 #                     coordinator under 1,000 heartbeating workers; figures in docs/benchmarks.md
+#   make soak         the reliability soak: 10,000 steps with faults, memory and files watched
+#                     (~25 min; docs/reliability.md, results in docs/soak/)
 #   make device-bundle the CUDA build stripped and packed for a GPU machine without build tools:
 #                     target/device/effnet-device.tar.xz, run there by scripts/device-check.sh (docs/gpu.md)
 
@@ -18,7 +20,7 @@ ifeq ($(CUDA),1)
   CARGO_FEATURES := --features cuda
 endif
 
-.PHONY: venv venv-reference build demo test lint bench device-bundle clean-venv
+.PHONY: venv venv-reference build demo test lint bench soak device-bundle clean-venv
 
 venv:
 	@scripts/bootstrap.sh
@@ -46,6 +48,9 @@ bench: venv-reference
 	@scripts/bench-precision.sh
 	@scripts/bench-distributed.sh
 	@scripts/bench-coordinator.sh
+
+soak: build
+	@scripts/soak.sh
 
 device-bundle:
 	@EFFNET_TORCH=cuda CARGO=$(CARGO) scripts/device-bundle.sh

@@ -138,6 +138,18 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Object stores have no directories, but a local one keeps each purged checkpoint's empty
+    /// directory: a long run would leave thousands. Best effort: a directory that is not empty
+    /// (or not there) stays as it is.
+    fn remove_local_directory(&self, step: u64) {
+        if self.location.scheme == effnet_store::Scheme::File
+            && let Ok(current) = std::env::current_dir()
+            && let Ok(root) = effnet_store::location::local_directory(&self.location.url, &current)
+        {
+            let _ = std::fs::remove_dir(root.join(directory_name(step)));
+        }
+    }
+
     /// Step directories present (committed or not), ascending, with their objects.
     async fn directories(&self) -> Result<BTreeMap<u64, Vec<object_store::ObjectMeta>>> {
         let root = self.location.path("")?;
@@ -265,6 +277,7 @@ impl CheckpointStore {
             for object in objects {
                 effnet_store::delete(store, &object.location).await?;
             }
+            self.remove_local_directory(step);
             deleted.push(step);
         }
         Ok(deleted)

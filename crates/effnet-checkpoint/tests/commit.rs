@@ -91,6 +91,14 @@ async fn local_directory() {
     interrupted_saves_are_never_latest(CheckpointStore::new(effnet_store::open(&url).unwrap())).await;
     let url = dir.path().join("b").display().to_string();
     purge_keeps_last_and_best(CheckpointStore::new(effnet_store::open(&url).unwrap())).await;
+    // Purged checkpoints leave no empty directories behind: the kept ones and the one in flight.
+    let mut left: Vec<String> = std::fs::read_dir(dir.path().join("b"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let expected: Vec<String> = [2, 4, 5, 6, 7].into_iter().map(directory_name).collect();
+    assert_eq!(left, expected);
 }
 
 #[tokio::test]
