@@ -39,6 +39,7 @@ fn transform() -> Transform {
             normalization: Normalization::FASHION_MNIST,
             channels: ChannelPolicy::Grey,
             dct_downscale: false,
+            max_pixels: effnet_vision::DEFAULT_MAX_PIXELS,
         })
         .unwrap(),
     )
