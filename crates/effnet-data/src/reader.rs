@@ -30,6 +30,11 @@ use crate::plan::{
 };
 use crate::writer::dataset_schema;
 
+/// Rows decoded from Parquet per Arrow batch: a row group is read in batches of at most this many,
+/// so no buffer is sized from a row count the file claims (a footer can claim billions of rows in
+/// a few bytes). Row groups are 64–256 rows in practice, one batch.
+const MAX_BATCH_ROWS: u32 = 1024;
+
 /// One stored sample, still encoded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawSample {
@@ -117,12 +122,27 @@ impl Dataset {
             return Err(Error::Schema { path: self.file_url(file), found: described.join(", ") });
         }
         let groups = metadata.metadata().num_row_groups();
-        let listed = self.manifest.files[file as usize].row_groups.len();
-        if groups != listed {
+        let listed = &self.manifest.files[file as usize].row_groups;
+        if groups != listed.len() {
             return Err(Error::Read {
                 path: self.file_url(file),
-                reason: format!("{groups} row groups in the file, {listed} in the manifest"),
+                reason: format!("{groups} row groups in the file, {} in the manifest", listed.len()),
             });
+        }
+        // The manifest's row counts size reads and plans: hold them to what the file's footer says,
+        // so an edited or hostile manifest (rows: 4294967295) is refused here instead of sizing
+        // anything.
+        for (index, (group, claimed)) in metadata.metadata().row_groups().iter().zip(listed).enumerate() {
+            if group.num_rows() != claimed.rows as i64 {
+                return Err(Error::Read {
+                    path: self.file_url(file),
+                    reason: format!(
+                        "row group {index} holds {} rows, the manifest's files[{file}].row_groups[{index}].rows says {}",
+                        group.num_rows(),
+                        claimed.rows
+                    ),
+                });
+            }
         }
         self.footers.lock().await.insert(file, metadata.clone());
         Ok(metadata)
@@ -152,12 +172,13 @@ impl Dataset {
             ParquetRecordBatchStreamBuilder::new_with_metadata(self.object_reader(group.file)?, metadata)
                 .with_row_groups(vec![group.index as usize])
                 .with_row_selection(RowSelection::from(selectors))
-                .with_batch_size(unit.rows().max(1) as usize)
+                .with_batch_size(unit.rows().clamp(1, MAX_BATCH_ROWS) as usize)
                 .build()
                 .map_err(|e| Error::Read { path: self.file_url(group.file), reason: e.to_string() })?;
         let batches: Vec<_> = stream.collect().await;
         let classes = self.manifest.classes.len() as i32;
-        let mut samples = Vec::with_capacity(unit.rows() as usize);
+        // Capacity from a count the file claims is capped: the Vec grows with what is really read.
+        let mut samples = Vec::with_capacity(unit.rows().min(MAX_BATCH_ROWS) as usize);
         let mut bad = Vec::new();
         let mut row = unit.start;
         for batch in batches {
