@@ -137,6 +137,10 @@ pub(crate) fn decode_planned(
             let header = ImageHeader { format, width: info.width as u32, height: info.height as u32 };
             check_dimensions(header.width, header.height)?;
             check_budget(header.width, header.height, max_pixels)?;
+            // Every 8×8 luma block costs at least one Huffman-coded bit (arithmetic coding, which
+            // could go lower, is not supported by either decoder).
+            let blocks = header.width.div_ceil(8) as u64 * header.height.div_ceil(8) as u64;
+            check_plausible(format, header, bytes.len(), blocks.div_ceil(8))?;
             let reduction = plan(header);
             check_reduction(reduction)?;
             if reduction > 1
@@ -153,6 +157,10 @@ pub(crate) fn decode_planned(
             let header = ImageHeader { format, width: reader.info().width, height: reader.info().height };
             check_dimensions(header.width, header.height)?;
             check_budget(header.width, header.height, max_pixels)?;
+            // Deflate expands at most 1032:1 (a 258-byte match in 2 bits), so the filtered rows
+            // need at least this many compressed bytes.
+            let raw = reader.info().raw_row_length() as u64 * header.height as u64;
+            check_plausible(format, header, bytes.len(), raw.div_ceil(1032))?;
             check_reduction(plan(header))?;
             Ok((header, finish_png(reader, header, buffer)?))
         }
@@ -326,6 +334,22 @@ fn check_budget(width: u32, height: u32, max_pixels: u64) -> Result<()> {
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
         return Err(Error::TooManyPixels { width, height, pixels, max_pixels });
+    }
+    Ok(())
+}
+
+/// Refuse a header whose size the file is too short to encode at all: the decoders would allocate
+/// the claimed size and then either fail or (zune-jpeg, even in strict mode) return an image that is
+/// mostly padding. Catches size lies cheaply before the allocation; smaller lies still decode.
+fn check_plausible(format: ImageFormat, header: ImageHeader, len: usize, least: u64) -> Result<()> {
+    if (len as u64) < least {
+        return Err(corrupt(
+            format,
+            format!(
+                "header claims {}x{} but the file's {len} bytes cannot encode it (at least {least} needed; truncated or forged?)",
+                header.width, header.height
+            ),
+        ));
     }
     Ok(())
 }
@@ -576,6 +600,26 @@ pub(crate) mod tests {
         let message = decode(&png_bomb).unwrap_err().to_string();
         assert!(message.contains("16384x16384 = 268435456 pixels"), "{message}");
         assert!(message.contains("budget of 89478485"), "{message}");
+    }
+
+    #[test]
+    fn sizes_the_file_cannot_encode_are_refused_before_decoding() {
+        // A real 16×16 JPEG claiming 9459×9459 used to decode "successfully" into 268 MB of
+        // padding (zune-jpeg pads missing MCUs even in strict mode); found by tests/fuzz_decode.rs.
+        let jpeg = forged_jpeg(9459, 9459);
+        let message = decode(&jpeg).unwrap_err().to_string();
+        let least = 1183u64 * 1183 / 8 + 1; // ceil(1183² bits / 8)
+        assert!(
+            message.contains(&format!("header claims 9459x9459 but the file's {} bytes", jpeg.len())),
+            "{message}"
+        );
+        assert!(message.contains(&format!("at least {least} needed")), "{message}");
+        let png = forged_png(9000, 9000, 2);
+        let message = decode(&png).unwrap_err().to_string();
+        assert!(message.contains("at least 78498 needed"), "{message}"); // ceil(9000 × 9001 / 1032)
+        // Honest files pass: a flat 3000×3000 grey PNG compresses to ~9 KB, above its 8.7 KB floor.
+        let flat = encode_png(&vec![0; 3000 * 3000], 3000, 3000, ::image::ExtendedColorType::L8);
+        assert_eq!(decode(&flat).unwrap().width, 3000, "{} bytes", flat.len());
     }
 
     #[test]
