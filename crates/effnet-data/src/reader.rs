@@ -105,9 +105,15 @@ impl Dataset {
             return Ok(found.clone());
         }
         let mut reader = self.object_reader(file)?;
-        let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
-            .await
-            .map_err(|e| Error::Read { path: self.file_url(file), reason: e.to_string() })?;
+        let loaded = std::panic::AssertUnwindSafe(ArrowReaderMetadata::load_async(
+            &mut reader,
+            ArrowReaderOptions::new(),
+        ))
+        .catch_unwind()
+        .await
+        .map_err(|panic| Error::Read { path: self.file_url(file), reason: corrupt_parquet(panic) })?;
+        let metadata =
+            loaded.map_err(|e| Error::Read { path: self.file_url(file), reason: e.to_string() })?;
         let expected = dataset_schema();
         let found = metadata.schema();
         let matches = found.fields().len() == expected.fields().len()
@@ -175,7 +181,13 @@ impl Dataset {
                 .with_batch_size(unit.rows().clamp(1, MAX_BATCH_ROWS) as usize)
                 .build()
                 .map_err(|e| Error::Read { path: self.file_url(group.file), reason: e.to_string() })?;
-        let batches: Vec<_> = stream.collect().await;
+        // parquet-rs panics on some corrupt pages (one flipped byte in a page header's encoding:
+        // "Decoder for dict should have been set", found by tests/fuzz_dataset.rs); a corrupt file
+        // must be an error naming it, not a panic that takes the worker down.
+        let batches: Vec<_> =
+            std::panic::AssertUnwindSafe(stream.collect()).catch_unwind().await.map_err(|panic| {
+                Error::Read { path: self.file_url(group.file), reason: corrupt_parquet(panic) }
+            })?;
         let classes = self.manifest.classes.len() as i32;
         // Capacity from a count the file claims is capped: the Vec grows with what is really read.
         let mut samples = Vec::with_capacity(unit.rows().min(MAX_BATCH_ROWS) as usize);
@@ -248,6 +260,16 @@ impl Dataset {
         let samples = refs.iter().filter_map(|r| found.remove(r)).collect();
         Ok((samples, bad))
     }
+}
+
+/// The reason for a read whose Parquet decoder panicked, with the panic's message.
+fn corrupt_parquet(panic: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("corrupt Parquet data (the decoder panicked: {message})")
 }
 
 /// Ranged reads of one part file; the size comes from the manifest, so no HEAD request.
