@@ -229,6 +229,10 @@ pub async fn prepare_image_folder(
         });
     }
     let relative = |path: &Path| path.strip_prefix(source).unwrap_or(path).to_string_lossy().into_owned();
+    // Files are read whole before decoding: bound that by what an image within the budget can
+    // take (8 bytes a pixel, 16-bit RGBA stored uncompressed, plus 1 MiB of metadata), so a huge
+    // file that is no image is skipped without being read into memory.
+    let largest_file = max_pixels.saturating_mul(8).saturating_add(1 << 20);
     let mut files = Vec::new();
     // Entries that are not files are reported once the writer exists (it keeps the skip list).
     let mut not_files: Vec<(String, String)> = Vec::new();
@@ -245,6 +249,13 @@ pub async fn prepare_image_folder(
             };
             // `metadata` follows links: a link to a file is a file, a dangling one an error.
             match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() && meta.len() > largest_file => not_files.push((
+                    relative(&path),
+                    format!(
+                        "{} bytes, more than any JPEG/PNG within the pixel budget can hold ({largest_file})",
+                        meta.len()
+                    ),
+                )),
                 Ok(meta) if meta.is_file() => names.push(path),
                 Ok(meta) if meta.is_dir() => {
                     not_files.push((relative(&path), "a folder inside a class folder (not an image)".into()))

@@ -147,10 +147,18 @@ async fn image_folder_entries_that_are_not_images_are_skipped_and_listed() {
     assert!(reason("cats/truncated.jpg").contains("truncated"), "{skipped:?}");
     assert!(reason("dogs/bomb.png").contains("16384x16384 = 268435456 pixels"), "{skipped:?}");
 
-    // A budget below the photo's 32×24 skips it too, naming its size.
+    // A budget below the photo's 32×24 skips it too, naming its size; and a file larger than any
+    // image within that budget (700 × 8 bytes + 1 MiB) is skipped unread.
+    let huge = std::fs::File::create(dogs.join("huge.png")).unwrap();
+    huge.set_len(2 << 20).unwrap();
     let tight = out.path().join("tight").display().to_string();
     let manifest = prepare_image_folder(source.path(), &tight, options, 700, |_, _| {}).await.unwrap();
     assert_eq!(manifest.rows, 3);
+    let huge_reason = manifest.skipped.iter().find(|s| s.source == "dogs/huge.png").unwrap();
+    assert_eq!(
+        huge_reason.reason,
+        "2097152 bytes, more than any JPEG/PNG within the pixel budget can hold (1054176)"
+    );
     let photo_reason = manifest.skipped.iter().find(|s| s.source == "dogs/b.jpg").unwrap();
     assert!(
         photo_reason.reason.contains("32x24 = 768 pixels, over the decoded-pixel budget of 700"),
