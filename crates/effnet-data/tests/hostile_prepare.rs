@@ -39,11 +39,14 @@ fn idx_headers_that_overflow_or_lie_are_named() {
         message,
         format!("{}: header dimensions 4294967295×4294967295×4294967295 overflow", overflow.display())
     );
-    // 2^16 × 2^16 × 2^32 wraps to 0 in 64 bits: the old unchecked product accepted an empty payload.
-    let wraps = write(dir.path(), "wraps", &idx3(1 << 16, 1 << 16, 0, &[]));
-    assert_eq!(read_idx_images(&wraps).unwrap().pixels.len(), 0, "0 × anything is honestly 0");
-    let wraps = write(dir.path(), "wraps2", &idx3(u32::MAX, 1 << 31, 1 << 31, &[]));
-    assert!(read_idx_images(&wraps).err().unwrap().to_string().ends_with("overflow"));
+    // 2^22 × 2^21 × 2^21 = 2^64 wraps to exactly 0: the old unchecked product (in a release build)
+    // accepted an empty payload as 4,194,304 images of 2097152×2097152, then panicked slicing it.
+    let wraps = write(dir.path(), "wraps", &idx3(1 << 22, 1 << 21, 1 << 21, &[]));
+    let message = read_idx_images(&wraps).err().unwrap().to_string();
+    assert!(message.ends_with("header dimensions 4194304×2097152×2097152 overflow"), "{message}");
+    // An honest zero is not an overflow.
+    let none = write(dir.path(), "none", &idx3(1 << 16, 1 << 16, 0, &[]));
+    assert_eq!(read_idx_images(&none).unwrap().pixels.len(), 0);
 
     let short = write(dir.path(), "short", &idx3(10, 28, 28, &[0; 100]));
     let message = read_idx_images(&short).err().unwrap().to_string();
