@@ -286,6 +286,16 @@ pub struct DataConfig {
     /// Log the sample keys of the first batches, to check shuffling and resumption.
     #[serde(default)]
     pub log_sample_keys: bool,
+    /// Decoded-pixel budget (width × height) per image, checked from the header before decoding;
+    /// larger images are skipped as corrupt samples. Unset: the vision crate's default, Pillow's
+    /// `MAX_IMAGE_PIXELS` (89,478,485). Not serialised when unset, so the job's settings (and
+    /// anything hashed from them) are unchanged for jobs that do not set it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integers::positive_u64_opt"
+    )]
+    pub max_image_pixels: Option<u64>,
 }
 
 mod defaults {

@@ -27,6 +27,20 @@ pub(crate) struct TreeError {
     pub message: String,
 }
 
+/// Values (scalars, with aliases counted as the copies they become) a document may expand to. A
+/// job spec holds a few hundred; the cap stops an alias bomb before it exhausts memory (serde-saphyr
+/// has its own budget, but this tree is built first when `--set` overrides are given).
+const MAX_NODES: usize = 100_000;
+
+fn too_large(position: Position) -> TreeError {
+    TreeError {
+        position: Some(position),
+        message: format!(
+            "the document expands to more than {MAX_NODES} values through its aliases (an alias bomb?)"
+        ),
+    }
+}
+
 /// A collection whose end has not been seen yet.
 enum Open {
     Sequence { items: Vec<Node>, tag: Option<String>, anchor: usize },
@@ -41,7 +55,9 @@ impl Node {
 
     /// Parses one YAML document; `None` when the text holds no document (empty, or comments).
     pub(crate) fn parse(text: &str) -> Result<Option<Node>, TreeError> {
-        let mut anchors: HashMap<usize, Node> = HashMap::new();
+        // Each anchor with the number of nodes it holds, which an alias to it copies.
+        let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+        let mut expanded = 0usize;
         let mut stack: Vec<Open> = Vec::new();
         let mut root = None;
         let mut documents = 0;
@@ -61,6 +77,10 @@ impl Node {
                     continue;
                 }
                 Event::Scalar(text, style, anchor, tag) => {
+                    expanded += 1;
+                    if expanded > MAX_NODES {
+                        return Err(too_large(position));
+                    }
                     let plain = style == ScalarStyle::Plain;
                     (
                         Node::Scalar {
@@ -72,7 +92,15 @@ impl Node {
                     )
                 }
                 Event::Alias(anchor) => match anchors.get(&anchor) {
-                    Some(node) => (node.clone(), 0),
+                    Some((node, size)) => {
+                        // Checked before the copy: a billion-laughs document (nine levels of ten
+                        // aliases) would otherwise copy its way through all memory.
+                        expanded = expanded.saturating_add(*size);
+                        if expanded > MAX_NODES {
+                            return Err(too_large(position));
+                        }
+                        (node.clone(), 0)
+                    }
                     None => {
                         let message = "alias to an anchor that is not defined before it".to_owned();
                         return Err(TreeError { position: Some(position), message });
@@ -102,7 +130,7 @@ impl Node {
                 _ => continue,
             };
             if anchor != 0 {
-                anchors.insert(anchor, node.clone());
+                anchors.insert(anchor, (node.clone(), node.count()));
             }
             match stack.last_mut() {
                 None => root = Some(node),
@@ -114,6 +142,17 @@ impl Node {
             }
         }
         Ok(root)
+    }
+
+    /// Nodes in this tree (scalars and collections), what an alias to it copies.
+    fn count(&self) -> usize {
+        match self {
+            Node::Scalar { .. } => 1,
+            Node::Sequence { items, .. } => 1 + items.iter().map(Node::count).sum::<usize>(),
+            Node::Mapping { entries, .. } => {
+                1 + entries.iter().map(|(key, value)| key.count() + value.count()).sum::<usize>()
+            }
+        }
     }
 
     /// The scalar's text when this is a plain or quoted scalar without a tag: a key a field
@@ -224,6 +263,24 @@ fn write_double_quoted(out: &mut String, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alias_expansion_is_capped() {
+        // Five levels of ten aliases: 10^5 copies of the innermost anchor, just over the cap.
+        let mut text = String::from("a0: &a0 x\n");
+        for level in 1..=5 {
+            text += &format!("a{level}: &a{level} [{}]\n", vec![format!("*a{}", level - 1); 10].join(", "));
+        }
+        let error = Node::parse(&text).unwrap_err();
+        assert_eq!(
+            error.message,
+            "the document expands to more than 100000 values through its aliases (an alias bomb?)"
+        );
+        assert_eq!(error.position.map(|p| p.line), Some(6), "refused on the last level's line");
+        // Four levels (11,111 values each way) are fine.
+        let four: String = text.lines().take(5).map(|line| format!("{line}\n")).collect();
+        assert!(Node::parse(&four).unwrap().is_some());
+    }
 
     fn round_trip(text: &str) -> String {
         Node::parse(text).unwrap().unwrap().to_yaml()

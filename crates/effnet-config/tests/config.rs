@@ -168,6 +168,7 @@ fn a_minimal_spec_takes_every_default() {
     assert_eq!(data.eval_crop, 0.875);
     assert_eq!(data.normalization, NormalizationKind::Imagenet);
     assert!(!data.log_sample_keys);
+    assert_eq!(data.max_image_pixels, None);
 
     let optimizer = &spec.optimizer;
     assert_eq!(optimizer.kind, OptimizerKind::RmspropTf);
@@ -375,6 +376,17 @@ fn unknown_keys_are_rejected_at_the_key() {
     );
     let message = located(&format!("{BASE}optimizer:\n  kind: adam\n"), 7, 9, "optimizer.kind");
     assert_eq!(message, "unknown value adam, expected one of rmsprop_tf, sgd, adamw");
+}
+
+#[test]
+fn the_pixel_budget_is_a_positive_integer_and_unset_stays_out_of_the_stored_spec() {
+    let spec = parse(&format!("{BASE}  max_image_pixels: 1000000\n"));
+    assert_eq!(spec.data.max_image_pixels, Some(1_000_000));
+    let unset = serde_json::to_string(&parse(BASE)).unwrap();
+    assert!(!unset.contains("max_image_pixels"), "{unset}");
+    let message = located(&format!("{BASE}  max_image_pixels: 0\n"), 6, 21, "data.max_image_pixels");
+    assert!(message.contains("positive"), "{message}");
+    located(&format!("{BASE}  max_image_pixels: -5\n"), 6, 21, "data.max_image_pixels");
 }
 
 #[test]

@@ -92,8 +92,10 @@ impl Manifest {
         if manifest.classes.is_empty() {
             return Err(Error::Manifest { reason: "no classes".into() });
         }
-        let mut total = 0;
+        let mut total: u64 = 0;
         for file in &manifest.files {
+            // Sums of u32 group sizes fit in u64 for any manifest that fits in memory; the file
+            // totals are the manifest's own claims, so they are added with a check.
             let group_rows: u64 = file.row_groups.iter().map(|g| g.rows as u64).sum();
             if group_rows != file.rows {
                 return Err(Error::Manifest {
@@ -103,7 +105,9 @@ impl Manifest {
                     ),
                 });
             }
-            total += file.rows;
+            total = total.checked_add(file.rows).ok_or_else(|| Error::Manifest {
+                reason: format!("{}: rows {} overflow the dataset's total", file.path, file.rows),
+            })?;
         }
         if total != manifest.rows {
             return Err(Error::Manifest {

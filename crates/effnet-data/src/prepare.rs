@@ -4,7 +4,7 @@
 //! files are stored as they are after checking they decode. Inputs that fail are skipped and
 //! listed in the manifest.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -35,19 +35,50 @@ pub struct IdxImages {
     pub pixels: Vec<u8>,
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path)
-        .map_err(|e| Error::InvalidInput { what: path.display().to_string(), reason: e.to_string() })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| Error::InvalidInput {
-            what: path.display().to_string(),
-            reason: format!("gzip: {e}"),
-        })?;
-        Ok(out)
-    } else {
-        Ok(raw)
+/// An idx file's dimensions and payload. The file may be gzip-compressed (Yann LeCun's
+/// distribution ships `.gz` files); either way at most what the header promises, plus one byte to
+/// detect excess, is read or inflated, so a small `.gz` that inflates to gigabytes or a header
+/// promising more than the file holds costs no more memory than the promise.
+fn read_idx(path: &Path, magic: u32, kind: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    let what = || path.display().to_string();
+    let bad = |reason: String| Error::InvalidInput { what: what(), reason };
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut buffered = std::io::BufReader::new(file);
+    let gzip = buffered.fill_buf().map_err(|e| bad(e.to_string()))?.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read> =
+        if gzip { Box::new(flate2::read::GzDecoder::new(buffered)) } else { Box::new(buffered) };
+    let dimensions = (magic & 0xFF) as usize;
+    let not_idx = || bad(format!("not an {kind}"));
+    let mut header = vec![0u8; 4 + 4 * dimensions];
+    reader.read_exact(&mut header).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => not_idx(),
+        _ => bad(format!("{}{e}", if gzip { "gzip: " } else { "" })),
+    })?;
+    if be_u32(&header, 0) != magic {
+        return Err(not_idx());
     }
+    let sizes: Vec<usize> = (0..dimensions).map(|d| be_u32(&header, 4 + 4 * d) as usize).collect();
+    let described = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("×");
+    // The sizes are the file's claim: multiply with checks so a hostile header cannot wrap around
+    // to a small product that a short file then matches.
+    let expected = sizes
+        .iter()
+        .try_fold(1usize, |product, &size| product.checked_mul(size))
+        .ok_or_else(|| bad(format!("header dimensions {described} overflow")))?;
+    // No capacity from the claim: the buffer grows with what is actually there.
+    let mut payload = Vec::new();
+    reader.take(expected as u64 + 1).read_to_end(&mut payload).map_err(|e| {
+        bad(format!(
+            "{}{e} (after {} of {expected} promised bytes)",
+            if gzip { "gzip: " } else { "" },
+            payload.len()
+        ))
+    })?;
+    if payload.len() != expected {
+        let holds = if payload.len() > expected { "more".to_string() } else { payload.len().to_string() };
+        return Err(bad(format!("header promises {described} = {expected} bytes, file holds {holds}")));
+    }
+    Ok((sizes, payload))
 }
 
 fn be_u32(bytes: &[u8], at: usize) -> u32 {
@@ -55,34 +86,13 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
 }
 
 pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
-    let bytes = read_maybe_gz(path)?;
-    let bad = |reason: String| Error::InvalidInput { what: path.display().to_string(), reason };
-    if bytes.len() < 16 || be_u32(&bytes, 0) != 0x0000_0803 {
-        return Err(bad("not an idx3 image file (magic 0x00000803 of unsigned bytes, 3 dimensions)".into()));
-    }
-    let (count, rows, columns) =
-        (be_u32(&bytes, 4) as usize, be_u32(&bytes, 8) as usize, be_u32(&bytes, 12) as usize);
-    let expected = count * rows * columns;
-    if bytes.len() - 16 != expected {
-        return Err(bad(format!(
-            "header promises {count}×{rows}×{columns} = {expected} bytes, file holds {}",
-            bytes.len() - 16
-        )));
-    }
-    Ok(IdxImages { count, rows, columns, pixels: bytes[16..].to_vec() })
+    let (sizes, pixels) =
+        read_idx(path, 0x0000_0803, "idx3 image file (magic 0x00000803 of unsigned bytes, 3 dimensions)")?;
+    Ok(IdxImages { count: sizes[0], rows: sizes[1], columns: sizes[2], pixels })
 }
 
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
-    let bytes = read_maybe_gz(path)?;
-    let bad = |reason: String| Error::InvalidInput { what: path.display().to_string(), reason };
-    if bytes.len() < 8 || be_u32(&bytes, 0) != 0x0000_0801 {
-        return Err(bad("not an idx1 label file (magic 0x00000801)".into()));
-    }
-    let count = be_u32(&bytes, 4) as usize;
-    if bytes.len() - 8 != count {
-        return Err(bad(format!("header promises {count} labels, file holds {}", bytes.len() - 8)));
-    }
-    Ok(bytes[8..].to_vec())
+    read_idx(path, 0x0000_0801, "idx1 label file (magic 0x00000801)").map(|(_, labels)| labels)
 }
 
 /// Encode one grey image as PNG.
@@ -188,11 +198,16 @@ pub async fn prepare_fashion_mnist(
 }
 
 /// One folder per class (sorted names are the classes), JPEG/PNG files stored as they are after
-/// checking they decode; undecodable files are skipped and listed.
+/// checking they decode within `max_pixels` (width × height, see
+/// [`effnet_vision::DEFAULT_MAX_PIXELS`]). Entries that cannot be stored are skipped and listed in
+/// the manifest with the reason: undecodable, empty, over the budget, unreadable, a dangling link,
+/// a folder inside a class folder. The format comes from the bytes, not the name, so a PNG named
+/// `.jpg` is stored (as Pillow would open it).
 pub async fn prepare_image_folder(
     source: &Path,
     out: &str,
     options: WriterOptions,
+    max_pixels: u64,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Manifest> {
     let unreadable = |path: &Path, e: std::io::Error| Error::InvalidInput {
@@ -213,24 +228,59 @@ pub async fn prepare_image_folder(
             reason: "no class folders inside".into(),
         });
     }
+    let relative = |path: &Path| path.strip_prefix(source).unwrap_or(path).to_string_lossy().into_owned();
+    // Files are read whole before decoding: bound that by what an image within the budget can
+    // take (8 bytes a pixel, 16-bit RGBA stored uncompressed, plus 1 MiB of metadata), so a huge
+    // file that is no image is skipped without being read into memory.
+    let largest_file = max_pixels.saturating_mul(8).saturating_add(1 << 20);
     let mut files = Vec::new();
+    // Entries that are not files are reported once the writer exists (it keeps the skip list).
+    let mut not_files: Vec<(String, String)> = Vec::new();
     for (label, class) in classes.iter().enumerate() {
         let dir = source.join(class);
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| unreadable(&dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| unreadable(&dir, e))? {
+            let path = match entry {
+                Ok(entry) => entry.path(),
+                Err(e) => {
+                    not_files.push((relative(&dir), format!("unreadable folder entry: {e}")));
+                    continue;
+                }
+            };
+            // `metadata` follows links: a link to a file is a file, a dangling one an error.
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() && meta.len() > largest_file => not_files.push((
+                    relative(&path),
+                    format!(
+                        "{} bytes, more than any JPEG/PNG within the pixel budget can hold ({largest_file})",
+                        meta.len()
+                    ),
+                )),
+                Ok(meta) if meta.is_file() => names.push(path),
+                Ok(meta) if meta.is_dir() => {
+                    not_files.push((relative(&path), "a folder inside a class folder (not an image)".into()))
+                }
+                Ok(_) => not_files.push((relative(&path), "not a regular file".into())),
+                Err(e) if path.is_symlink() => {
+                    not_files.push((relative(&path), format!("dangling symbolic link: {e}")))
+                }
+                Err(e) => not_files.push((relative(&path), e.to_string())),
+            }
+        }
         names.sort();
         files.extend(names.into_iter().map(|p| (p, label as i32)));
     }
+    not_files.sort();
     let location = effnet_store::open(out)?;
     let name =
         source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "images".into());
     let mut writer = DatasetWriter::create(location, &name, classes.clone(), options).await?;
+    for (path, reason) in not_files {
+        writer.skip(path, reason);
+    }
     let total = files.len() as u64;
     for (done, (path, label)) in files.into_iter().enumerate() {
-        let relative = path.strip_prefix(source).unwrap_or(&path).to_string_lossy().into_owned();
+        let relative = relative(&path);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -238,7 +288,11 @@ pub async fn prepare_image_folder(
                 continue;
             }
         };
-        match effnet_vision::decode(&bytes) {
+        if bytes.is_empty() {
+            writer.skip(relative, "empty file (0 bytes)");
+            continue;
+        }
+        match effnet_vision::decode_within(&bytes, max_pixels) {
             Ok(_) => writer.push(relative, bytes, label).await?,
             Err(e) => writer.skip(relative, e.to_string()),
         }

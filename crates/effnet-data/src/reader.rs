@@ -30,6 +30,11 @@ use crate::plan::{
 };
 use crate::writer::dataset_schema;
 
+/// Rows decoded from Parquet per Arrow batch: a row group is read in batches of at most this many,
+/// so no buffer is sized from a row count the file claims (a footer can claim billions of rows in
+/// a few bytes). Row groups are 64–256 rows in practice, one batch.
+const MAX_BATCH_ROWS: u32 = 1024;
+
 /// One stored sample, still encoded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawSample {
@@ -100,9 +105,15 @@ impl Dataset {
             return Ok(found.clone());
         }
         let mut reader = self.object_reader(file)?;
-        let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
-            .await
-            .map_err(|e| Error::Read { path: self.file_url(file), reason: e.to_string() })?;
+        let loaded = std::panic::AssertUnwindSafe(ArrowReaderMetadata::load_async(
+            &mut reader,
+            ArrowReaderOptions::new(),
+        ))
+        .catch_unwind()
+        .await
+        .map_err(|panic| Error::Read { path: self.file_url(file), reason: corrupt_parquet(panic) })?;
+        let metadata =
+            loaded.map_err(|e| Error::Read { path: self.file_url(file), reason: e.to_string() })?;
         let expected = dataset_schema();
         let found = metadata.schema();
         let matches = found.fields().len() == expected.fields().len()
@@ -117,12 +128,27 @@ impl Dataset {
             return Err(Error::Schema { path: self.file_url(file), found: described.join(", ") });
         }
         let groups = metadata.metadata().num_row_groups();
-        let listed = self.manifest.files[file as usize].row_groups.len();
-        if groups != listed {
+        let listed = &self.manifest.files[file as usize].row_groups;
+        if groups != listed.len() {
             return Err(Error::Read {
                 path: self.file_url(file),
-                reason: format!("{groups} row groups in the file, {listed} in the manifest"),
+                reason: format!("{groups} row groups in the file, {} in the manifest", listed.len()),
             });
+        }
+        // The manifest's row counts size reads and plans: hold them to what the file's footer says,
+        // so an edited or hostile manifest (rows: 4294967295) is refused here instead of sizing
+        // anything.
+        for (index, (group, claimed)) in metadata.metadata().row_groups().iter().zip(listed).enumerate() {
+            if group.num_rows() != claimed.rows as i64 {
+                return Err(Error::Read {
+                    path: self.file_url(file),
+                    reason: format!(
+                        "row group {index} holds {} rows, the manifest's files[{file}].row_groups[{index}].rows says {}",
+                        group.num_rows(),
+                        claimed.rows
+                    ),
+                });
+            }
         }
         self.footers.lock().await.insert(file, metadata.clone());
         Ok(metadata)
@@ -152,12 +178,19 @@ impl Dataset {
             ParquetRecordBatchStreamBuilder::new_with_metadata(self.object_reader(group.file)?, metadata)
                 .with_row_groups(vec![group.index as usize])
                 .with_row_selection(RowSelection::from(selectors))
-                .with_batch_size(unit.rows().max(1) as usize)
+                .with_batch_size(unit.rows().clamp(1, MAX_BATCH_ROWS) as usize)
                 .build()
                 .map_err(|e| Error::Read { path: self.file_url(group.file), reason: e.to_string() })?;
-        let batches: Vec<_> = stream.collect().await;
+        // parquet-rs panics on some corrupt pages (one flipped byte in a page header's encoding:
+        // "Decoder for dict should have been set", found by tests/fuzz_dataset.rs); a corrupt file
+        // must be an error naming it, not a panic that takes the worker down.
+        let batches: Vec<_> =
+            std::panic::AssertUnwindSafe(stream.collect()).catch_unwind().await.map_err(|panic| {
+                Error::Read { path: self.file_url(group.file), reason: corrupt_parquet(panic) }
+            })?;
         let classes = self.manifest.classes.len() as i32;
-        let mut samples = Vec::with_capacity(unit.rows() as usize);
+        // Capacity from a count the file claims is capped: the Vec grows with what is really read.
+        let mut samples = Vec::with_capacity(unit.rows().min(MAX_BATCH_ROWS) as usize);
         let mut bad = Vec::new();
         let mut row = unit.start;
         for batch in batches {
@@ -227,6 +260,16 @@ impl Dataset {
         let samples = refs.iter().filter_map(|r| found.remove(r)).collect();
         Ok((samples, bad))
     }
+}
+
+/// The reason for a read whose Parquet decoder panicked, with the panic's message.
+fn corrupt_parquet(panic: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("corrupt Parquet data (the decoder panicked: {message})")
 }
 
 /// Ranged reads of one part file; the size comes from the manifest, so no HEAD request.

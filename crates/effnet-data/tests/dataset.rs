@@ -278,3 +278,47 @@ async fn unreachable_store_is_a_clear_error() {
     assert!(message.contains("nowhere") || message.contains("127.0.0.1"), "{message}");
     assert_eq!(message.lines().count(), 1, "{message}");
 }
+
+#[tokio::test]
+async fn absurd_row_counts_in_a_manifest_are_checked_against_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("ds").to_string_lossy().into_owned();
+    let manifest = write_dataset(effnet_store::open(&url).unwrap()).await;
+    // A consistent, checksummed manifest that claims 4294967295 rows in the first row group
+    // (which holds 7): nothing may be sized from the claim.
+    let mut absurd = manifest.clone();
+    let claimed = u32::MAX;
+    let first = &mut absurd.files[0];
+    first.rows = first.rows - first.row_groups[0].rows as u64 + claimed as u64;
+    first.row_groups[0].rows = claimed;
+    absurd.rows = absurd.files.iter().map(|f| f.rows).sum();
+    std::fs::write(dir.path().join("ds").join(MANIFEST_NAME), absurd.to_json().unwrap()).unwrap();
+
+    let dataset = Dataset::open(&url).await.unwrap();
+    assert_eq!(dataset.row_groups()[0].rows, claimed);
+    let unit = effnet_data::plan::WorkUnit { row_group: 0, start: 0, end: claimed };
+    let err = dataset.read_unit(unit).await.err().unwrap();
+    assert!(matches!(err, Error::Read { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("part-00000.parquet"), "{message}");
+    assert!(
+        message.ends_with(
+            "row group 0 holds 7 rows, the manifest's files[0].row_groups[0].rows says 4294967295"
+        ),
+        "{message}"
+    );
+    // The same through a rank's reader: an error, not an allocation of billions of samples.
+    let plan = EpochPlan::new(0, 0, dataset.row_groups(), 1).unwrap();
+    let mut reader =
+        RankReader::new(dataset.clone(), plan.ranks[0].clone(), initial_cursors(&plan)[0].clone(), 8, 2)
+            .await
+            .unwrap();
+    let err = loop {
+        match reader.next().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a manifest claiming 4294967295 rows read to the end"),
+            Err(err) => break err,
+        }
+    };
+    assert!(err.to_string().contains("says 4294967295"), "{err}");
+}

@@ -39,6 +39,7 @@ fn transform() -> Transform {
             normalization: Normalization::FASHION_MNIST,
             channels: ChannelPolicy::Grey,
             dct_downscale: false,
+            max_pixels: effnet_vision::DEFAULT_MAX_PIXELS,
         })
         .unwrap(),
     )
@@ -89,4 +90,72 @@ async fn batches_skip_corrupt_samples_and_are_deterministic() {
     // Same seed, other thread count: identical batches.
     let (again, _) = epoch(&url, 1).await;
     assert_eq!(again, batches);
+}
+
+/// A grey PNG 16384 wide and 2 rows tall whose header claims 16384 rows (a few hundred bytes).
+fn png_bomb() -> Vec<u8> {
+    let mut bytes = encode_grey_png(&vec![0; 16384 * 2], 16384, 2).unwrap();
+    bytes[20..24].copy_from_slice(&16384u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_samples_are_skipped_counted_and_reported_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("ds").to_string_lossy().into_owned();
+    let good = encode_grey_png(&[100; 28 * 28], 28, 28).unwrap();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode(&[90; 32 * 32], 32, 32, image::ExtendedColorType::L8)
+        .unwrap();
+    let hostile: [(&str, Vec<u8>); 5] = [
+        ("bomb.png", png_bomb()),
+        ("empty.jpg", Vec::new()),
+        ("text.jpg", b"not an image at all".to_vec()),
+        ("truncated.jpg", jpeg[..jpeg.len() / 2].to_vec()),
+        ("png-named.jpg", good.clone()),
+    ];
+    {
+        let location = effnet_store::open(&url).unwrap();
+        let options = WriterOptions { rows_per_group: 4, groups_per_part: 2 };
+        let mut writer =
+            DatasetWriter::create(location, "hostile", vec!["a".into(), "b".into()], options).await.unwrap();
+        for i in 0..6 {
+            writer.push(format!("good-{i}"), good.clone(), 0).await.unwrap();
+        }
+        for (key, bytes) in &hostile {
+            writer.push(key.to_string(), bytes.clone(), 1).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+    }
+    let dataset = Dataset::open(&url).await.unwrap();
+    let plan = EpochPlan::new(1, 0, dataset.row_groups(), 1).unwrap();
+    let reader = RankReader::new(dataset, plan.ranks[0].clone(), initial_cursors(&plan)[0].clone(), 12, 2)
+        .await
+        .unwrap();
+    let options = LoaderOptions { batch_size: 4, threads: 2, seed: 1, epoch: 0 };
+    let mut loader = BatchLoader::new(reader, transform(), options).unwrap();
+    let mut trained = BTreeSet::new();
+    while let Some(batch) = loader.next_batch().await.unwrap() {
+        trained.extend(batch.keys);
+    }
+    // The six good samples and the PNG named .jpg (the format comes from the bytes).
+    let expected: BTreeSet<String> =
+        (0..6).map(|i| format!("good-{i}")).chain(["png-named.jpg".to_string()]).collect();
+    assert_eq!(trained, expected);
+    let mut skipped: Vec<(String, String)> =
+        loader.skipped().into_iter().map(|s| (s.key, s.reason)).collect();
+    skipped.sort();
+    let keys: Vec<&str> = skipped.iter().map(|(key, _)| key.as_str()).collect();
+    assert_eq!(keys, ["bomb.png", "empty.jpg", "text.jpg", "truncated.jpg"]);
+    assert!(
+        skipped[0].1.contains("16384x16384 = 268435456 pixels, over the decoded-pixel budget of 89478485"),
+        "{skipped:?}"
+    );
+    assert!(skipped[1].1.starts_with("unrecognised image format (first bytes [];"), "{skipped:?}");
+    assert!(skipped[2].1.starts_with("unrecognised image format"), "{skipped:?}");
+    assert!(skipped[3].1.contains("truncated"), "{skipped:?}");
 }

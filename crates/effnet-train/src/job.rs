@@ -113,6 +113,11 @@ fn channels(spec: &JobSpec) -> ChannelPolicy {
     if spec.model.input_channels == 1 { ChannelPolicy::Grey } else { ChannelPolicy::Rgb }
 }
 
+/// `data.max_image_pixels`, or the vision crate's default (Pillow's limit) when unset.
+fn max_image_pixels(spec: &JobSpec) -> u64 {
+    spec.data.max_image_pixels.unwrap_or(effnet_vision::DEFAULT_MAX_PIXELS)
+}
+
 /// A transform's refusal, named by the job field that caused it.
 fn transform_error(error: effnet_vision::Error, other_field: &str) -> Error {
     match error {
@@ -139,6 +144,7 @@ pub fn train_transform(spec: &JobSpec) -> Result<TrainTransform> {
         normalization: normalization(spec),
         channels: channels(spec),
         dct_downscale: true,
+        max_pixels: max_image_pixels(spec),
     };
     TrainTransform::new(config).map_err(|e| transform_error(e, "data.augmentation"))
 }
@@ -150,6 +156,7 @@ pub fn eval_transform(spec: &JobSpec) -> Result<EvalTransform> {
         normalization: normalization(spec),
         channels: channels(spec),
         dct_downscale: true,
+        max_pixels: max_image_pixels(spec),
     };
     EvalTransform::new(config).map_err(|e| transform_error(e, "data.eval_crop"))
 }

@@ -21,6 +21,14 @@ use crate::image::Image;
 /// file from allocating gigabytes before the decoder notices the data is missing.
 pub const MAX_SIDE: u32 = 1 << 14;
 
+/// Default decoded-pixel budget (width × height), checked from the header before any pixel buffer
+/// is allocated. It is Pillow's `Image.MAX_IMAGE_PIXELS` (`1024 * 1024 * 1024 // 4 // 3`, "around a
+/// quarter gigabyte for a 24-bit image"), so a dataset that torchvision's loader opens also opens
+/// here and one that Pillow calls a decompression bomb is refused here too. A decode then holds at
+/// most ~256 MiB of RGB (~341 MiB while an RGBA PNG drops its alpha) per decode thread.
+/// `MAX_SIDE` still applies to each side whatever the budget.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
 /// The reductions a JPEG decoder can apply in the DCT domain (IDCT sizes 8, 4, 2, 1).
 pub const REDUCTIONS: [u32; 4] = [1, 2, 4, 8];
 
@@ -81,9 +89,15 @@ pub fn probe(bytes: &[u8]) -> Result<ImageHeader> {
 }
 
 /// Decode a JPEG or PNG at full size. Grey stays 1 channel; RGB, RGBA (alpha dropped), palette,
-/// 16-bit and CMYK become 3 or 1 channels of 8 bits.
+/// 16-bit and CMYK become 3 or 1 channels of 8 bits. Images over [`DEFAULT_MAX_PIXELS`] are refused.
 pub fn decode(bytes: &[u8]) -> Result<Image> {
-    decode_reduced(bytes, 1)
+    decode_within(bytes, DEFAULT_MAX_PIXELS)
+}
+
+/// [`decode`] with a decoded-pixel budget of `max_pixels` (width × height): a header claiming more
+/// is refused with [`Error::TooManyPixels`] before any pixel buffer is allocated.
+pub fn decode_within(bytes: &[u8], max_pixels: u64) -> Result<Image> {
+    decode_planned(bytes, |_| 1, Vec::new(), max_pixels).map(|(_, image)| image)
 }
 
 /// Decode with the image reduced by `reduction` (1, 2, 4 or 8) in each dimension.
@@ -94,22 +108,24 @@ pub fn decode(bytes: &[u8]) -> Result<Image> {
 /// `reduction`.
 pub fn decode_reduced(bytes: &[u8], reduction: u32) -> Result<Image> {
     check_reduction(reduction)?;
-    decode_planned(bytes, |_| reduction, Vec::new()).map(|(_, image)| image)
+    decode_planned(bytes, |_| reduction, Vec::new(), DEFAULT_MAX_PIXELS).map(|(_, image)| image)
 }
 
 /// Decode with a reduction chosen from the header: `plan` sees the full-size dimensions (and may
 /// draw the crop box from them) and returns 1, 2, 4 or 8. Headers are parsed once, which is why
 /// this exists next to [`probe`] + [`decode_reduced`].
 pub fn decode_for_crop(bytes: &[u8], plan: impl FnOnce(ImageHeader) -> u32) -> Result<(ImageHeader, Image)> {
-    decode_planned(bytes, plan, Vec::new())
+    decode_planned(bytes, plan, Vec::new(), DEFAULT_MAX_PIXELS)
 }
 
 /// [`decode_for_crop`] writing into `buffer` (resized as needed) so a worker can reuse one
-/// allocation for every full-size decode.
+/// allocation for every full-size decode, within a budget of `max_pixels`. Every decode path goes
+/// through here, and each checks the header's size against the budget before it allocates.
 pub(crate) fn decode_planned(
     bytes: &[u8],
     plan: impl FnOnce(ImageHeader) -> u32,
     buffer: Vec<u8>,
+    max_pixels: u64,
 ) -> Result<(ImageHeader, Image)> {
     let format = sniff(bytes)?;
     match format {
@@ -120,10 +136,15 @@ pub(crate) fn decode_planned(
             let info = decoder.info().ok_or_else(|| corrupt(format, "no frame header"))?;
             let header = ImageHeader { format, width: info.width as u32, height: info.height as u32 };
             check_dimensions(header.width, header.height)?;
+            check_budget(header.width, header.height, max_pixels)?;
+            // Every 8×8 luma block costs at least one Huffman-coded bit (arithmetic coding, which
+            // could go lower, is not supported by either decoder).
+            let blocks = header.width.div_ceil(8) as u64 * header.height.div_ceil(8) as u64;
+            check_plausible(format, header, bytes.len(), blocks.div_ceil(8))?;
             let reduction = plan(header);
             check_reduction(reduction)?;
             if reduction > 1
-                && let Some(image) = decode_jpeg_reduced(bytes, reduction)?
+                && let Some(image) = decode_jpeg_reduced(bytes, reduction, max_pixels)?
             {
                 return Ok((header, image));
             }
@@ -135,6 +156,11 @@ pub(crate) fn decode_planned(
             let reader = decoder.read_info().map_err(|e| corrupt(format, e))?;
             let header = ImageHeader { format, width: reader.info().width, height: reader.info().height };
             check_dimensions(header.width, header.height)?;
+            check_budget(header.width, header.height, max_pixels)?;
+            // Deflate expands at most 1032:1 (a 258-byte match in 2 bits), so the filtered rows
+            // need at least this many compressed bytes.
+            let raw = reader.info().raw_row_length() as u64 * header.height as u64;
+            check_plausible(format, header, bytes.len(), raw.div_ceil(1032))?;
             check_reduction(plan(header))?;
             Ok((header, finish_png(reader, header, buffer)?))
         }
@@ -216,13 +242,15 @@ fn finish_jpeg(
 }
 
 /// `None` when the image is CMYK (the caller falls back to the full-size path, which converts it).
-fn decode_jpeg_reduced(bytes: &[u8], reduction: u32) -> Result<Option<Image>> {
+fn decode_jpeg_reduced(bytes: &[u8], reduction: u32, max_pixels: u64) -> Result<Option<Image>> {
     let format = ImageFormat::Jpeg;
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     decoder.read_info().map_err(|e| corrupt(format, e))?;
     let info = decoder.info().ok_or_else(|| corrupt(format, "no frame header"))?;
     let (width, height) = (info.width as u32, info.height as u32);
+    // jpeg-decoder reads the header again on its own: check what it read, not what zune-jpeg did.
     check_dimensions(width, height)?;
+    check_budget(width, height, max_pixels)?;
     let channels = match info.pixel_format {
         jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::L16 => 1u8,
         jpeg_decoder::PixelFormat::RGB24 => 3,
@@ -295,6 +323,33 @@ fn check_jpeg_end(bytes: &[u8]) -> Result<()> {
 fn check_dimensions(width: u32, height: u32) -> Result<()> {
     if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
         return Err(Error::BadDimensions { width, height, max: MAX_SIDE });
+    }
+    Ok(())
+}
+
+/// Refuse a header claiming more than `max_pixels`, before anything of its size is allocated: a
+/// 270-byte PNG can claim 16384×16384 and the decoder's output buffer would be zero-filled (0.8 GiB)
+/// before the missing data was noticed.
+fn check_budget(width: u32, height: u32, max_pixels: u64) -> Result<()> {
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(Error::TooManyPixels { width, height, pixels, max_pixels });
+    }
+    Ok(())
+}
+
+/// Refuse a header whose size the file is too short to encode at all: the decoders would allocate
+/// the claimed size and then either fail or (zune-jpeg, even in strict mode) return an image that is
+/// mostly padding. Catches size lies cheaply before the allocation; smaller lies still decode.
+fn check_plausible(format: ImageFormat, header: ImageHeader, len: usize, least: u64) -> Result<()> {
+    if (len as u64) < least {
+        return Err(corrupt(
+            format,
+            format!(
+                "header claims {}x{} but the file's {len} bytes cannot encode it (at least {least} needed; truncated or forged?)",
+                header.width, header.height
+            ),
+        ));
     }
     Ok(())
 }
@@ -479,6 +534,109 @@ pub(crate) mod tests {
             assert!(decode(&bytes).is_err());
             assert!(decode_reduced(&bytes, 4).is_err());
         }
+    }
+
+    /// A grey PNG whose header claims `width`×`height` but whose pixel data holds `rows` rows: the
+    /// "small file, huge header" bomb. A real `width`×`rows` PNG with the IHDR height (and CRC)
+    /// rewritten, so everything before the missing data parses.
+    pub(crate) fn forged_png(width: u32, height: u32, rows: u32) -> Vec<u8> {
+        let zeros = vec![0u8; width as usize * rows as usize];
+        let mut bytes = encode_png(&zeros, width, rows, ::image::ExtendedColorType::L8);
+        // Signature (8), IHDR length (4), "IHDR" (4), width (4), height (4) ... CRC after 13 bytes.
+        bytes[20..24].copy_from_slice(&height.to_be_bytes());
+        let crc = crc32(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+        bytes
+    }
+
+    /// CRC-32 (IEEE, as PNG chunks use), bit by bit: only test inputs of a few bytes go through it.
+    pub(crate) fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in bytes {
+            crc ^= byte as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    /// A JPEG whose frame header (SOF0) claims `width`×`height`: a real small JPEG with the two
+    /// size fields rewritten, so everything else parses.
+    pub(crate) fn forged_jpeg(width: u16, height: u16) -> Vec<u8> {
+        let mut bytes = encode_jpeg(&synthetic_rgb(16, 16), 90);
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0");
+        bytes[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+        bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn headers_over_the_pixel_budget_are_refused_by_every_decode_path() {
+        let png_bomb = forged_png(16384, 16384, 2);
+        assert!(png_bomb.len() < 400, "the bomb is {} bytes", png_bomb.len());
+        assert_eq!(
+            probe(&png_bomb).unwrap(),
+            ImageHeader { format: ImageFormat::Png, width: 16384, height: 16384 }
+        );
+        let jpeg_bomb = forged_jpeg(16000, 16000);
+        assert_eq!(probe(&jpeg_bomb).unwrap().width, 16000);
+        let expect_refusal = |result: Result<Image>, width: u32, height: u32| match result {
+            Err(Error::TooManyPixels { width: w, height: h, pixels, max_pixels }) => {
+                assert_eq!(
+                    (w, h, pixels, max_pixels),
+                    (width, height, width as u64 * height as u64, DEFAULT_MAX_PIXELS)
+                );
+            }
+            other => panic!("expected TooManyPixels, got {other:?}"),
+        };
+        expect_refusal(decode(&png_bomb), 16384, 16384);
+        expect_refusal(decode_reduced(&png_bomb, 8), 16384, 16384);
+        expect_refusal(decode(&jpeg_bomb), 16000, 16000);
+        // The DCT-reduced path (jpeg-decoder) would only need 1/64 of the pixels, but the budget is
+        // on what the header claims, as Pillow's is.
+        expect_refusal(decode_reduced(&jpeg_bomb, 8), 16000, 16000);
+        expect_refusal(decode_for_crop(&jpeg_bomb, |_| 4).map(|(_, image)| image), 16000, 16000);
+        let message = decode(&png_bomb).unwrap_err().to_string();
+        assert!(message.contains("16384x16384 = 268435456 pixels"), "{message}");
+        assert!(message.contains("budget of 89478485"), "{message}");
+    }
+
+    #[test]
+    fn sizes_the_file_cannot_encode_are_refused_before_decoding() {
+        // A real 16×16 JPEG claiming 9459×9459 used to decode "successfully" into 268 MB of
+        // padding (zune-jpeg pads missing MCUs even in strict mode); found by tests/fuzz_decode.rs.
+        let jpeg = forged_jpeg(9459, 9459);
+        let message = decode(&jpeg).unwrap_err().to_string();
+        let least = 1183u64 * 1183 / 8 + 1; // ceil(1183² bits / 8)
+        assert!(
+            message.contains(&format!("header claims 9459x9459 but the file's {} bytes", jpeg.len())),
+            "{message}"
+        );
+        assert!(message.contains(&format!("at least {least} needed")), "{message}");
+        let png = forged_png(9000, 9000, 2);
+        let message = decode(&png).unwrap_err().to_string();
+        assert!(message.contains("at least 78498 needed"), "{message}"); // ceil(9000 × 9001 / 1032)
+        // Honest files pass: a flat 3000×3000 grey PNG compresses to ~9 KB, above its 8.7 KB floor.
+        let flat = encode_png(&vec![0; 3000 * 3000], 3000, 3000, ::image::ExtendedColorType::L8);
+        assert_eq!(decode(&flat).unwrap().width, 3000, "{} bytes", flat.len());
+    }
+
+    #[test]
+    fn the_budget_is_configurable_and_inclusive() {
+        let image = synthetic_rgb(40, 30);
+        let jpeg = encode_jpeg(&image, 90);
+        let png = encode_png(&image.data, 40, 30, ::image::ExtendedColorType::Rgb8);
+        for bytes in [&jpeg, &png] {
+            assert_eq!(decode_within(bytes, 1200).unwrap().width, 40, "exactly at the budget decodes");
+            match decode_within(bytes, 1199) {
+                Err(Error::TooManyPixels { pixels: 1200, max_pixels: 1199, .. }) => {}
+                other => panic!("expected a refusal at 1199 pixels, got {other:?}"),
+            }
+        }
+        // A forged header under a raised budget gets past the budget and fails on the missing data.
+        let err = decode_within(&forged_png(3000, 3000, 2), 10_000_000).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { format: "PNG", .. }), "{err}");
     }
 
     #[test]

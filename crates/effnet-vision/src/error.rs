@@ -15,6 +15,12 @@ pub enum Error {
     #[error("image is {width}x{height}; both sides must be at least 1 and at most {max}")]
     BadDimensions { width: u32, height: u32, max: u32 },
 
+    #[error(
+        "image claims {width}x{height} = {pixels} pixels, over the decoded-pixel budget of {max_pixels} \
+         (a decompression bomb or a huge photo; raise data.max_image_pixels / --max-image-pixels to accept it)"
+    )]
+    TooManyPixels { width: u32, height: u32, pixels: u64, max_pixels: u64 },
+
     #[error("{field} {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 

@@ -69,7 +69,8 @@ pub mod transform;
 
 pub use batch::{BatchBuffer, BatchParts, SampleSlot};
 pub use decode::{
-    ImageFormat, ImageHeader, decode, decode_reduced, paying_reduction, probe, reduction_for_crop,
+    DEFAULT_MAX_PIXELS, ImageFormat, ImageHeader, decode, decode_reduced, decode_within, paying_reduction,
+    probe, reduction_for_crop,
 };
 pub use error::{Error, Result};
 pub use geometry::{CropBox, EvalGeometry, RandomResizedCrop, Region, eval_geometry};

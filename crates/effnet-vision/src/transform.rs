@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use fast_image_resize::Resizer;
 
-use crate::decode::{decode_planned, paying_reduction};
+use crate::decode::{DEFAULT_MAX_PIXELS, decode_planned, paying_reduction};
 use crate::error::{Error, Result};
 use crate::geometry::{CropBox, RandomResizedCrop, Region, eval_geometry};
 use crate::image::Image;
@@ -52,6 +52,9 @@ pub struct TrainConfig {
     /// Changes pixel values slightly (a DCT reduction is not the same filter as the resize), never
     /// the crop geometry.
     pub dct_downscale: bool,
+    /// Decoded-pixel budget (width × height) checked from the header before decoding; larger
+    /// images fail as corrupt samples ([`crate::decode::DEFAULT_MAX_PIXELS`], Pillow's limit).
+    pub max_pixels: u64,
 }
 
 impl TrainConfig {
@@ -66,6 +69,7 @@ impl TrainConfig {
             normalization: Normalization::IMAGENET,
             channels: ChannelPolicy::Rgb,
             dct_downscale: true,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct EvalConfig {
     pub normalization: Normalization,
     pub channels: ChannelPolicy,
     pub dct_downscale: bool,
+    /// As [`TrainConfig::max_pixels`].
+    pub max_pixels: u64,
 }
 
 impl EvalConfig {
@@ -89,6 +95,7 @@ impl EvalConfig {
             normalization: Normalization::IMAGENET,
             channels: ChannelPolicy::Rgb,
             dct_downscale: true,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -130,9 +137,17 @@ fn check_size(size: u32) -> Result<()> {
     Ok(())
 }
 
+fn check_max_pixels(max_pixels: u64) -> Result<()> {
+    if max_pixels == 0 {
+        return Err(Error::InvalidConfig { field: "max_pixels", reason: "must be at least 1, got 0".into() });
+    }
+    Ok(())
+}
+
 impl TrainTransform {
     pub fn new(config: TrainConfig) -> Result<TrainTransform> {
         check_size(config.size)?;
+        check_max_pixels(config.max_pixels)?;
         RandomResizedCrop::new(config.crop.scale, config.crop.ratio)?;
         Normalization::new(config.normalization.mean, config.normalization.std)?;
         if !(0.0..=1.0).contains(&config.flip_probability) {
@@ -179,6 +194,7 @@ impl TrainTransform {
                     }
                 },
                 std::mem::take(&mut scratch.decoded),
+                config.max_pixels,
             )?;
             let region = Region::from(crop).scaled(
                 decoded.width as f64 / header.width as f64,
@@ -199,6 +215,7 @@ impl TrainTransform {
 impl EvalTransform {
     pub fn new(config: EvalConfig) -> Result<EvalTransform> {
         check_size(config.size)?;
+        check_max_pixels(config.max_pixels)?;
         Normalization::new(config.normalization.mean, config.normalization.std)?;
         if !(config.crop_pct > 0.0 && config.crop_pct <= 1.0) {
             return Err(Error::InvalidConfig {
@@ -236,6 +253,7 @@ impl EvalTransform {
                     if config.dct_downscale { paying_reduction(w, h, config.size, config.size) } else { 1 }
                 },
                 std::mem::take(&mut scratch.decoded),
+                config.max_pixels,
             )?;
             let geometry = geometry
                 .unwrap_or_else(|| eval_geometry(header.width, header.height, config.size, config.crop_pct));

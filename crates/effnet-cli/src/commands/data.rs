@@ -45,6 +45,11 @@ pub struct PrepareArgs {
     /// Class names for --from idx, comma-separated (default: 0..=max label).
     #[arg(long)]
     pub classes: Option<String>,
+    /// Decoded-pixel budget (width × height) per image for --from image-folder: larger images
+    /// (decompression bombs, headers that lie) are skipped and listed (default: Pillow's
+    /// MAX_IMAGE_PIXELS, 89478485).
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_image_pixels: Option<i64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,11 +147,19 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             if !source.is_dir() {
                 return Err(bad_input!("{}: not a folder", source.display()));
             }
+            let max_pixels = match args.max_image_pixels {
+                Some(value) if value < 1 => {
+                    return Err(bad_input!("--max-image-pixels must be at least 1, got {value}"));
+                }
+                Some(value) => value as u64,
+                None => effnet_vision::DEFAULT_MAX_PIXELS,
+            };
             let bar = progress_bar("images");
-            let manifest = runtime.block_on(prepare_image_folder(&source, &args.out, options, |d, t| {
-                bar.set_length(t);
-                bar.set_position(d);
-            }))?;
+            let manifest =
+                runtime.block_on(prepare_image_folder(&source, &args.out, options, max_pixels, |d, t| {
+                    bar.set_length(t);
+                    bar.set_position(d);
+                }))?;
             bar.finish_and_clear();
             out!("{}: {} images, {} skipped", args.out, manifest.rows, manifest.skipped.len());
             for skipped in &manifest.skipped {
