@@ -51,6 +51,13 @@
 //! and timeouts of read-only requests. Tune with [`RetrySettings`] in [`StoreOptions::retry`];
 //! `EFFNET_STORE_MAX_RETRIES` overrides the number of retries (0 fails at the first error).
 //!
+//! Above that, every store [`open`] returns sits behind [`retrying::RetryingStore`]: a read whose
+//! body breaks off half way is resumed from the byte it reached (pinned to the object's ETag),
+//! range reads are checked for length, and what still fails transiently is tried again up to
+//! [`retrying::RETRIES`] times (50 ms doubling to 2 s), with one `store: ... retry N of 6` line on
+//! stderr each (`EFFNET_STORE_QUIET_RETRIES=1` silences them). Full, read-only or denied local
+//! disks are not retried.
+//!
 //! # Atomic directories
 //!
 //! Object stores have no rename. A directory of objects (a checkpoint, a prepared dataset) is
