@@ -65,6 +65,8 @@
 //! - [`io`]: get/put/range/list/delete helpers, [`MultipartWriter`], [`buffered_writer`] (for
 //!   parquet's `AsyncArrowWriter`), commit markers.
 //! - [`read_only`]: the wrapper that makes `http(s)://` refuse writes.
+//! - [`redact`]: credentials (passwords, presigned queries, SAS tokens) masked out of URLs and
+//!   messages before people see them.
 //! - `testing` (feature `test-server`): a moto S3 server on loopback and the conformance suite.
 
 pub mod error;
@@ -72,6 +74,7 @@ pub mod io;
 pub mod location;
 pub mod options;
 pub mod read_only;
+pub mod redact;
 #[cfg(feature = "test-server")]
 pub mod testing;
 
@@ -84,3 +87,4 @@ pub use location::{Scheme, StoreLocation, forget_memory_store, open, open_with};
 pub use object_store;
 pub use object_store::path::Path;
 pub use options::{Environment, RetrySettings, StoreOptions};
+pub use redact::{Redacted, redact, redact_json, redact_text, redacted_json};
