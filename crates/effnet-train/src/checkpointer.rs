@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use effnet_config::JobSpec;
+use effnet_store::Redacted;
 use serde_json::json;
 
 use crate::checkpoint::{self, CheckpointStore, SaveStats};
@@ -93,7 +94,7 @@ impl Checkpointer {
             {
                 let committed = runtime.block_on(store.committed())?;
                 if !committed.is_empty() {
-                    tracing::warn!(url = %self.url, count = committed.len(), "--fresh: deleting the job's existing checkpoints");
+                    tracing::warn!(url = %Redacted(&self.url), count = committed.len(), "--fresh: deleting the job's existing checkpoints");
                     runtime.block_on(store.purge(0, 0))?;
                 }
             }
