@@ -757,3 +757,41 @@ async fn people_see_job_urls_redacted_and_workers_see_them_whole() {
     assert!(seen_by_people[2].contains("step-4"), "the page shows the checkpoint: {}", seen_by_people[2]);
     server.stop().await;
 }
+
+/// The coordinator's rendezvous (NCCL's unique id for a job's workers) needs the bearer token to
+/// publish and to fetch: without it or with a wrong one the answer is 401, nothing is published
+/// or overwritten, and the real ranks exchange their bytes.
+#[tokio::test]
+async fn rendezvous_refuses_requests_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Settings::default()).await;
+    let client = server.client();
+    client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
+    let rank_zero = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    let rank_one = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    assert_eq!((rank_zero.rank, rank_one.rank), (0, 1));
+    let path = |worker: &str| format!("/v1/jobs/demo-1/workers/{worker}/rendezvous");
+    let rogue_blob = br#"{"blob": "0badc0de"}"#.to_vec();
+    let unauthorized = (
+        401,
+        serde_json::json!({ "error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')" }),
+    );
+    for authorization in [None, Some("Bearer wrong-token"), Some("Bearer s3cret-tokeN"), Some("s3cret-token")]
+    {
+        let published =
+            raw(&server, "POST", &path(&rank_zero.worker_id), authorization, rogue_blob.clone()).await;
+        assert_eq!(published, unauthorized, "publish with {authorization:?}");
+        let fetched = raw(&server, "GET", &path(&rank_one.worker_id), authorization, vec![]).await;
+        assert_eq!(fetched, unauthorized, "fetch with {authorization:?}");
+    }
+    assert_eq!(client.rendezvous("demo-1", &rank_one.worker_id).await.unwrap(), None, "nothing published");
+    let wrong = Client::new(&server.url, "wrong-token").unwrap();
+    assert_eq!(rejected(wrong.rendezvous("demo-1", &rank_one.worker_id).await.unwrap_err()).0, 401);
+
+    client.publish_rendezvous("demo-1", &rank_zero.worker_id, b"unique-id").await.unwrap();
+    let overwrite = wrong.publish_rendezvous("demo-1", &rank_zero.worker_id, b"rogue").await.unwrap_err();
+    assert_eq!(rejected(overwrite).0, 401);
+    let fetched = client.rendezvous("demo-1", &rank_one.worker_id).await.unwrap();
+    assert_eq!(fetched.as_deref(), Some(&b"unique-id"[..]));
+    server.stop().await;
+}
