@@ -126,7 +126,7 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
     if args.check {
         let plan = effnet_train::check(&spec)?;
         if args.json {
-            out!("{}", serde_json::to_string_pretty(&plan)?);
+            out!("{}", serde_json::to_string_pretty(&effnet_store::redacted_json(&plan)?)?);
         } else {
             print_plan(&plan);
             let workers = spec.distributed.workers;
@@ -168,7 +168,12 @@ pub(crate) fn finish(spec: &JobSpec, summary: &RunSummary, args: &TrainArgs) {
         return;
     }
     if args.json {
-        out!("{}", serde_json::to_string_pretty(summary).unwrap_or_default());
+        out!(
+            "{}",
+            effnet_store::redacted_json(summary)
+                .and_then(|s| serde_json::to_string_pretty(&s))
+                .unwrap_or_default()
+        );
     } else {
         print_summary(summary);
     }
@@ -223,7 +228,7 @@ fn print_plan(plan: &RunPlan) {
             None => "at the end".into(),
         }
     );
-    out!("checkpoints      {}", plan.checkpoint_url);
+    out!("checkpoints      {}", effnet_store::Redacted(&plan.checkpoint_url));
 }
 
 fn print_summary(summary: &RunSummary) {
@@ -283,7 +288,7 @@ fn print_summary(summary: &RunSummary) {
     if let Some(last) = summary.checkpoints.last() {
         out!(
             "last checkpoint  {}/step-{:08} ({:.1} MB, saved in {:.2} s)",
-            summary.plan.checkpoint_url.trim_end_matches('/'),
+            effnet_store::redact(summary.plan.checkpoint_url.trim_end_matches('/')),
             last.step,
             last.bytes as f64 / 1e6,
             last.seconds

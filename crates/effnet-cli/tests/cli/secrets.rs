@@ -35,8 +35,8 @@ fn check_error_line_masks_the_password_of_an_unreachable_data_url() {
     assert!(!outcome.stderr.contains(PASSWORD), "{}", outcome.stderr);
 }
 
-/// A job trained from `file://` datasets whose URLs carry a presigned query string (the local
-/// store ignores a query, so the run is real) and a password-bearing URL nowhere used: job.json,
+/// A job trained from `file://` datasets and into a `file://` checkpoint store whose URLs carry
+/// a presigned query string (the local store ignores a query, so the run is real) and a password-bearing URL nowhere used: job.json,
 /// metrics.jsonl, summary.json, evaluation.json, every checkpoint's state.json, the report and
 /// the logs at debug level hold no secret, and a second run resumes from the first's checkpoint.
 #[test]
@@ -53,10 +53,11 @@ fn a_run_with_presigned_data_urls_writes_no_secret_and_resumes() {
         let text = format!(
             "name: secrets\njob_dir: {job}\ndescription: data from http://reader:{PASSWORD}@example.invalid/x\nmodel:\n  variant: b0\n  input_channels: 1\n  resolution: 16\n\
              data:\n  train: 'file://{train}?{query}'\n  val: 'file://{val}?{query}'\n  batch_size: 8\n  loader_threads: 1\n  normalization: fashion_mnist\n\
-             training:\n  steps: {steps}\n  threads: 1\neval:\n  every_steps: 4\n  max_samples: 8\ncheckpoint:\n  every_steps: 2\n",
+             training:\n  steps: {steps}\n  threads: 1\neval:\n  every_steps: 4\n  max_samples: 8\ncheckpoint:\n  every_steps: 2\n  url: 'file://{checkpoints}?{query}'\n",
             job = job_dir.display(),
             train = data.path().join("train").display(),
             val = data.path().join("val").display(),
+            checkpoints = dir.path().join("checkpoints").display(),
         );
         std::fs::write(&yaml, text).unwrap();
     };
@@ -74,9 +75,19 @@ fn a_run_with_presigned_data_urls_writes_no_secret_and_resumes() {
     let job_json = std::fs::read_to_string(job_dir.join("job.json")).unwrap();
     assert!(job_json.contains("X-Amz-Signature=REDACTED"), "the URL is there, masked: {job_json}");
 
-    let mut outputs =
-        vec![("stderr of run 1".to_string(), first.stderr), ("stderr of run 2".to_string(), second.stderr)];
+    assert!(
+        second.stdout.contains("?X-Amz-Credential=REDACTED&"),
+        "the summary names the checkpoint store, masked: {}",
+        second.stdout
+    );
+    let mut outputs = vec![
+        ("stdout of run 1".to_string(), first.stdout),
+        ("stderr of run 1".to_string(), first.stderr),
+        ("stdout of run 2".to_string(), second.stdout),
+        ("stderr of run 2".to_string(), second.stderr),
+    ];
     collect_files(&job_dir, &mut outputs);
+    collect_files(&dir.path().join("checkpoints"), &mut outputs);
     let names: Vec<&str> = outputs.iter().map(|(name, _)| name.as_str()).collect();
     for expected in [
         "job.json",
