@@ -1,13 +1,16 @@
-//! Errors of the checkpoint store. Each message fits on one line and names the checkpoint's URL.
+//! Errors of the checkpoint store. Each message fits on one line and names the checkpoint's URL,
+//! displayed redacted (`effnet_store::redact`): the URL may carry credentials.
+
+use effnet_store::{redact, redact_text};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A checkpoint that cannot be used: not committed, checksum mismatch, unreadable content.
-    #[error("checkpoint {url}: {reason}")]
+    #[error("checkpoint {}: {}", redact(.url), redact_text(.reason))]
     BadCheckpoint { url: String, reason: String },
 
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", redact_text(.path))]
     Io { path: String, source: std::io::Error },
 
     #[error(transparent)]

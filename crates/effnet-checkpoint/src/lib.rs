@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use bytes::Bytes;
-use effnet_store::{COMMIT_MARKER, StoreLocation};
+use effnet_store::{COMMIT_MARKER, Redacted, StoreLocation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -184,7 +184,7 @@ impl CheckpointStore {
                     out.push(Committed { step, url: self.url_of(step), commit })
                 }
                 _ => {
-                    tracing::warn!(url = %self.url_of(step), "ignoring a checkpoint with an unreadable COMMIT")
+                    tracing::warn!(url = %Redacted(&self.url_of(step)), "ignoring a checkpoint with an unreadable COMMIT")
                 }
             }
         }
@@ -203,7 +203,7 @@ impl CheckpointStore {
             match self.load(&checkpoint).await {
                 Ok(files) => return Ok(Some((checkpoint, files))),
                 Err(Error::BadCheckpoint { url, reason }) => {
-                    tracing::warn!(%url, %reason, "skipping a damaged checkpoint; trying the previous one")
+                    tracing::warn!(url = %Redacted(&url), %reason, "skipping a damaged checkpoint; trying the previous one")
                 }
                 Err(other) => return Err(other),
             }
@@ -240,7 +240,7 @@ impl CheckpointStore {
             match state {
                 Ok(state) => return Ok(Some((checkpoint, state))),
                 Err(Error::BadCheckpoint { url, reason }) => {
-                    tracing::warn!(%url, %reason, "skipping a damaged checkpoint; trying the previous one")
+                    tracing::warn!(url = %Redacted(&url), %reason, "skipping a damaged checkpoint; trying the previous one")
                 }
                 Err(other) => return Err(other),
             }

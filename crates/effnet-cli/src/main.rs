@@ -2,15 +2,13 @@
 //! exit status (0 success, 2 bad input with a one-line reason, 1 anything else).
 
 /// `println!` for a command's output that may be piped into `head` or a pager: when the reader has
-/// gone (broken pipe) the command stops quietly with status 0 instead of panicking.
+/// gone (broken pipe) the command stops quietly with status 0; any other write error (a full
+/// disk, an I/O error) is one `error:` line on stderr and status 1, never a panic.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            if error.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            panic!("writing to stdout: {error}");
+            $crate::stdout_failed(error);
         }
     }};
 }
@@ -79,7 +77,85 @@ enum Command {
     Data(commands::data::DataCommand),
 }
 
+/// What [`out!`] does when stdout cannot be written: exits, quietly (0) when the reader has gone,
+/// with one error line (1) otherwise.
+fn stdout_failed(error: std::io::Error) -> ! {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    print_error_line(&format!("writing to stdout: {error}"));
+    std::process::exit(1);
+}
+
+/// `error: <message>` on stderr in one write: the workers of a group share a terminal or
+/// mpirun's stderr, and a line written in pieces can interleave with another worker's. The
+/// message is made one line and its URLs redacted (error messages of other libraries quote the
+/// URLs they were given, credentials included).
+fn print_error_line(message: &str) {
+    use std::io::Write as _;
+    let message = effnet_store::redact_text(&message.replace('\n', " "));
+    let _ = std::io::stderr().write_all(format!("error: {message}\n").as_bytes());
+}
+
+/// Where users report a bug: the repository's issues (workspace.package.repository).
+const REPORT_URL: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/issues");
+
+/// Turns any panic, on the main thread or another, into one line and exit status 1.
+///
+/// The hook exits the process itself instead of letting the panic unwind, for three reasons:
+/// a panic on a loader, I/O or collective thread would otherwise leave the main thread waiting
+/// on a channel or a peer (a hang, or a later and misleading error); the only `catch_unwind`
+/// users (effnet-train's autograd callbacks) catch only so that unwinding never crosses into
+/// libtorch, not to recover, and exiting keeps that promise too; and the first panic is the one
+/// worth reporting. Destructors do not run, which is safe here: checkpoints and datasets count
+/// only once their commit marker is written, so an interrupted write is never taken as whole.
+/// With `RUST_BACKTRACE` set (not 0) the backtrace follows the line, for developers.
+fn install_panic_hook() {
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    std::panic::set_hook(Box::new(|info| {
+        // One line even when threads panic together: the first reports and exits, the others
+        // wait for the exit.
+        if PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            loop {
+                std::thread::park();
+            }
+        }
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic without a message");
+        let place = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
+        print_error_line(&format!("internal error: {message}{place}; please report it at {REPORT_URL}"));
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            eprintln!("{backtrace}");
+        }
+        std::process::exit(1);
+    }));
+}
+
+/// A panic on purpose, for the tests of the panic hook: `EFFNET_TEST_PANIC=main` panics on the
+/// main thread, `EFFNET_TEST_PANIC=thread` on a spawned one (whose panic would otherwise only end
+/// that thread). No command of the tool panics on any input the tests know of, so they need one
+/// made to order; unset, this does nothing.
+fn panic_if_asked() {
+    match std::env::var("EFFNET_TEST_PANIC").as_deref() {
+        Ok("main") => panic!("EFFNET_TEST_PANIC asked for a panic on the main thread"),
+        Ok("thread") => {
+            let panicked =
+                std::thread::spawn(|| panic!("EFFNET_TEST_PANIC asked for a panic on a thread")).join();
+            // Not reached: the hook exits the process first.
+            drop(panicked);
+        }
+        _ => {}
+    }
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
+    panic_if_asked();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return failure::report_clap_error(error),
@@ -105,11 +181,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // `{:#}` joins the context chain on one line.
-            let message = format!("{error:#}").replace('\n', " ");
-            // One write: the workers of a group share a terminal or mpirun's stderr, and a line
-            // written in pieces can interleave with another worker's.
-            use std::io::Write as _;
-            let _ = std::io::stderr().write_all(format!("error: {message}\n").as_bytes());
+            print_error_line(&format!("{error:#}"));
             ExitCode::from(exit_code(&error))
         }
     }

@@ -19,7 +19,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::Error;
 use crate::protocol::{
-    Assignment, ErrorBody, JobStart, JoinRequest, LeaveRequest, Progress, RendezvousBlob, RestartRequest,
+    Assignment, ErrorBody, JobStart, JobSummary, JoinRequest, LeaveRequest, Progress, RendezvousBlob,
+    RestartRequest,
 };
 use crate::state::State;
 use crate::{metrics, page};
@@ -143,14 +144,26 @@ async fn submit(
 }
 
 async fn list(Shared(state): Shared<Arc<State>>) -> Answer<Json<Vec<crate::protocol::JobSummary>>> {
-    Ok(Json(state.jobs().await?))
+    Ok(Json(state.jobs().await?.into_iter().map(JobSummary::redacted).collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    /// The job as stored, credentials in its URLs included: what a worker needs to open its
+    /// data and checkpoints. Everyone else (`effnet status`) gets it redacted. The same token
+    /// allows both; this keeps secrets out of terminals and logs, it is no access control.
+    #[serde(default)]
+    credentials: bool,
 }
 
 async fn show(
     Shared(state): Shared<Arc<State>>,
     Path(job): Path<String>,
+    show_query: Result<Query<ShowQuery>, QueryRejection>,
 ) -> Answer<Json<crate::protocol::JobDetail>> {
-    Ok(Json(state.job(&job).await?))
+    let detail = state.job(&job).await?;
+    Ok(Json(if query(show_query)?.credentials { detail } else { detail.redacted() }))
 }
 
 async fn cancel(
@@ -260,7 +273,7 @@ async fn epoch_plan(
 }
 
 async fn prometheus(Shared(state): Shared<Arc<State>>) -> Answer<Response> {
-    let jobs = state.jobs().await?;
+    let jobs: Vec<JobSummary> = state.jobs().await?.into_iter().map(JobSummary::redacted).collect();
     let members = state.member_counts().await?;
     let text = metrics::render(&jobs, &members, crate::state::now());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
@@ -280,7 +293,7 @@ async fn status_page_view(
 }
 
 async fn status_page(Shared(state): Shared<Arc<State>>) -> Answer<Html<String>> {
-    let jobs = state.jobs().await?;
+    let jobs: Vec<JobSummary> = state.jobs().await?.into_iter().map(JobSummary::redacted).collect();
     let mut curves = Vec::with_capacity(jobs.len());
     for job in &jobs {
         curves.push(state.progress(&job.id, 500).await?);

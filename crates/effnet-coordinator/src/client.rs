@@ -2,6 +2,7 @@
 //! and workers. Answers the server refused with a 4xx are [`ClientError::Rejected`], carrying the
 //! server's one-line reason, so a CLI can report them as bad input.
 
+use effnet_store::{redact, redact_text};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -15,15 +16,15 @@ use crate::protocol::{
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The coordinator refused the request (4xx): bad input, wrong token, unknown job.
-    #[error("coordinator {url}: {reason} ({status})")]
+    #[error("coordinator {}: {reason} ({status})", redact(.url))]
     Rejected { url: String, status: u16, reason: String },
     /// The coordinator failed (5xx) or answered something that is not the API.
-    #[error("coordinator {url}: {reason} ({status})")]
+    #[error("coordinator {}: {} ({status})", redact(.url), redact_text(.reason))]
     Server { url: String, status: u16, reason: String },
     /// The coordinator could not be reached.
-    #[error("coordinator {url}: {source}")]
+    #[error("coordinator {}: {}", redact(.url), redact_text(&.source.to_string()))]
     Transport { url: String, source: reqwest::Error },
-    #[error("coordinator URL {url}: {reason}")]
+    #[error("coordinator URL {}: {}", redact(.url), redact_text(.reason))]
     BadUrl { url: String, reason: String },
 }
 
@@ -133,8 +134,14 @@ impl Client {
         self.send(Method::GET, "/v1/jobs", Body::None).await
     }
 
+    /// The job as people see it: URLs with credentials redacted ([`JobDetail::redacted`]).
     pub async fn job(&self, id: &str) -> ClientResult<JobDetail> {
         self.send(Method::GET, &format!("/v1/jobs/{}", encode(id)), Body::None).await
+    }
+
+    /// The job as submitted, credentials included: for a worker, which opens its URLs.
+    pub async fn job_with_credentials(&self, id: &str) -> ClientResult<JobDetail> {
+        self.send(Method::GET, &format!("/v1/jobs/{}?credentials=true", encode(id)), Body::None).await
     }
 
     pub async fn cancel(&self, id: &str) -> ClientResult<JobSummary> {

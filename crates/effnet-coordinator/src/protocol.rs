@@ -8,6 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use effnet_data::DataCursor;
+use effnet_store::{redact, redact_text};
 use serde::{Deserialize, Serialize};
 
 /// Where a job is in its life.
@@ -245,6 +246,18 @@ pub struct JobSummary {
     pub max_restarts: u32,
 }
 
+impl JobSummary {
+    /// The summary people see (listings, the status page, `effnet status`): checkpoint URLs and
+    /// the failure reason with credentials redacted (`effnet_store::redact`).
+    pub fn redacted(mut self) -> JobSummary {
+        if let Some(checkpoint) = &mut self.last_checkpoint {
+            checkpoint.url = redact(&checkpoint.url);
+        }
+        self.reason = self.reason.as_deref().map(redact_text);
+        self
+    }
+}
+
 /// A generation as `GET /v1/jobs/{id}` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
@@ -291,6 +304,33 @@ pub struct JobDetail {
     pub generations: Vec<Generation>,
     /// Members of every generation, oldest first.
     pub members: Vec<Member>,
+}
+
+impl JobDetail {
+    /// The detail people see: [`JobSummary::redacted`], and the YAML, spec, starts, checkpoints
+    /// and end reasons redacted too. Workers ask for the job as stored (`?credentials=true`),
+    /// since they open its URLs.
+    pub fn redacted(mut self) -> JobDetail {
+        self.summary = self.summary.redacted();
+        self.yaml = redact_text(&self.yaml);
+        effnet_store::redact_json(&mut self.spec);
+        for generation in &mut self.generations {
+            if let Some(resume) = &mut generation.resume {
+                resume.url = redact(&resume.url);
+            }
+            if let Some(StartPoint::Checkpoint { url, .. }) = &mut generation.start {
+                *url = redact(url);
+            }
+            generation.end_reason = generation.end_reason.as_deref().map(redact_text);
+        }
+        for member in &mut self.members {
+            if let Some(checkpoint) = &mut member.checkpoint {
+                checkpoint.url = redact(&checkpoint.url);
+            }
+            member.end_reason = member.end_reason.as_deref().map(redact_text);
+        }
+        self
+    }
 }
 
 /// `POST /v1/jobs/{id}/workers` body; every field optional (an empty body is `{}`).

@@ -710,3 +710,88 @@ async fn submissions_with_the_same_key_get_the_same_job() {
     assert_eq!(client.jobs().await.unwrap().len(), 3, "nothing else was stored");
     server.stop().await;
 }
+
+/// Credentials in a job's URLs reach workers (`?credentials=true`) but no listing, detail, page
+/// or metric that people read.
+#[tokio::test]
+async fn people_see_job_urls_redacted_and_workers_see_them_whole() {
+    const SIGNATURE: &str = "fake-signature-4f2a";
+    const SESSION: &str = "fake-session-token-9c1e";
+    const PASSWORD: &str = "fake-password-77d0";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Settings::default()).await;
+    let client = server.client();
+    let train = format!(
+        "https://bucket.s3.amazonaws.com/train?X-Amz-Security-Token={SESSION}&X-Amz-Signature={SIGNATURE}"
+    );
+    let yaml = format!(
+        "name: demo\nmodel: {{variant: b0}}\ndata: {{train: '{train}', val: 'http://user:{PASSWORD}@host/val'}}\n"
+    );
+    client.submit(&yaml, "demo.yaml", &JobStart::Latest).await.unwrap();
+    let worker = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    let checkpoint =
+        CheckpointReport { step: 4, url: format!("s3://b/c/step-4?X-Amz-Signature={SIGNATURE}") };
+    let progress = Progress { step: Some(4), checkpoint: Some(checkpoint), ..Default::default() };
+    client.heartbeat("demo-1", &worker.worker_id, &progress).await.unwrap();
+
+    let whole = client.job_with_credentials("demo-1").await.unwrap();
+    assert_eq!(whole.yaml, yaml, "the worker's copy is the job as submitted");
+    assert_eq!(whole.spec["data"]["train"], train.as_str());
+
+    let detail = client.job("demo-1").await.unwrap();
+    assert_eq!(detail.spec["data"]["val"], "http://user:REDACTED@host/val");
+    assert_eq!(
+        detail.summary.last_checkpoint.as_ref().unwrap().url,
+        "s3://b/c/step-4?X-Amz-Signature=REDACTED"
+    );
+    let seen_by_people = [
+        serde_json::to_string(&detail).unwrap(),
+        serde_json::to_string(&client.jobs().await.unwrap()).unwrap(),
+        raw(&server, "GET", "/", Some(&bearer()), vec![]).await.1.to_string(),
+        raw(&server, "GET", "/metrics", Some(&bearer()), vec![]).await.1.to_string(),
+    ];
+    for (text, secret) in seen_by_people.iter().flat_map(|t| [SIGNATURE, SESSION, PASSWORD].map(|s| (t, s))) {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    assert!(seen_by_people[0].contains("X-Amz-Signature=REDACTED"), "{}", seen_by_people[0]);
+    assert!(seen_by_people[2].contains("step-4"), "the page shows the checkpoint: {}", seen_by_people[2]);
+    server.stop().await;
+}
+
+/// The coordinator's rendezvous (NCCL's unique id for a job's workers) needs the bearer token to
+/// publish and to fetch: without it or with a wrong one the answer is 401, nothing is published
+/// or overwritten, and the real ranks exchange their bytes.
+#[tokio::test]
+async fn rendezvous_refuses_requests_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Settings::default()).await;
+    let client = server.client();
+    client.submit(&job_yaml("demo", 2), "demo.yaml", &JobStart::Latest).await.unwrap();
+    let rank_zero = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    let rank_one = client.join("demo-1", &JoinRequest::default()).await.unwrap();
+    assert_eq!((rank_zero.rank, rank_one.rank), (0, 1));
+    let path = |worker: &str| format!("/v1/jobs/demo-1/workers/{worker}/rendezvous");
+    let rogue_blob = br#"{"blob": "0badc0de"}"#.to_vec();
+    let unauthorized = (
+        401,
+        serde_json::json!({ "error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')" }),
+    );
+    for authorization in [None, Some("Bearer wrong-token"), Some("Bearer s3cret-tokeN"), Some("s3cret-token")]
+    {
+        let published =
+            raw(&server, "POST", &path(&rank_zero.worker_id), authorization, rogue_blob.clone()).await;
+        assert_eq!(published, unauthorized, "publish with {authorization:?}");
+        let fetched = raw(&server, "GET", &path(&rank_one.worker_id), authorization, vec![]).await;
+        assert_eq!(fetched, unauthorized, "fetch with {authorization:?}");
+    }
+    assert_eq!(client.rendezvous("demo-1", &rank_one.worker_id).await.unwrap(), None, "nothing published");
+    let wrong = Client::new(&server.url, "wrong-token").unwrap();
+    assert_eq!(rejected(wrong.rendezvous("demo-1", &rank_one.worker_id).await.unwrap_err()).0, 401);
+
+    client.publish_rendezvous("demo-1", &rank_zero.worker_id, b"unique-id").await.unwrap();
+    let overwrite = wrong.publish_rendezvous("demo-1", &rank_zero.worker_id, b"rogue").await.unwrap_err();
+    assert_eq!(rejected(overwrite).0, 401);
+    let fetched = client.rendezvous("demo-1", &rank_one.worker_id).await.unwrap();
+    assert_eq!(fetched.as_deref(), Some(&b"unique-id"[..]));
+    server.stop().await;
+}

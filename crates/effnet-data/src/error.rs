@@ -1,4 +1,8 @@
 //! Errors of the data crate; each message names the dataset, file, field or sample at fault.
+//! URLs and the messages of other libraries (which quote URLs) are displayed redacted: a
+//! dataset URL may carry credentials (`effnet_store::redact`).
+
+use effnet_store::{redact, redact_text};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -6,7 +10,7 @@ pub enum Error {
     #[error("manifest: {reason}")]
     Manifest { reason: String },
 
-    #[error("{url}: no dataset here ({reason})")]
+    #[error("{}: no dataset here ({})", redact(.url), redact_text(.reason))]
     NoDataset { url: String, reason: String },
 
     #[error("shard plan: {reason}")]
@@ -15,16 +19,16 @@ pub enum Error {
     #[error("data cursor: {reason}")]
     InvalidCursor { reason: String },
 
-    #[error("{what}: {reason}")]
+    #[error("{}: {}", redact_text(.what), redact_text(.reason))]
     InvalidInput { what: String, reason: String },
 
-    #[error("writing {path}: {reason}")]
+    #[error("writing {}: {}", redact_text(.path), redact_text(.reason))]
     Write { path: String, reason: String },
 
-    #[error("reading {path}: {reason}")]
+    #[error("reading {}: {}", redact_text(.path), redact_text(.reason))]
     Read { path: String, reason: String },
 
-    #[error("{path}: schema {found} is not key: utf8, image: binary, label: int32")]
+    #[error("{}: schema {found} is not key: utf8, image: binary, label: int32", redact_text(.path))]
     Schema { path: String, found: String },
 
     #[error(transparent)]

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use effnet_store::{redact, redact_json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -168,8 +169,11 @@ pub fn load(dir: &Path) -> Result<JobReport> {
     }
     let job_text = std::fs::read_to_string(&job_path)
         .map_err(|e| bad(dir, format!("{JOB_FILE} cannot be read: {e}")))?;
-    let job: Value = serde_json::from_str(&job_text)
+    let mut job: Value = serde_json::from_str(&job_text)
         .map_err(|e| bad(dir, format!("{JOB_FILE} is not valid JSON: {e}")))?;
+    // The trainer writes job.json and metrics.jsonl redacted; a job directory written before it
+    // did still shows no credentials in a report.
+    redact_json(&mut job);
     let (spec, plan) = (&job["spec"], &job["plan"]);
     if !plan.is_object() || !spec.is_object() {
         return Err(bad(dir, format!("{JOB_FILE} has no spec or plan")));
@@ -209,7 +213,10 @@ pub fn load(dir: &Path) -> Result<JobReport> {
     let mut unreadable_lines = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         match serde_json::from_str::<Value>(line) {
-            Ok(value) if value["type"].is_string() => records.push(value),
+            Ok(mut value) if value["type"].is_string() => {
+                redact_json(&mut value);
+                records.push(value)
+            }
             _ => unreadable_lines += 1,
         }
     }
@@ -386,7 +393,14 @@ fn read_final_evaluation(
     steps_done: u64,
 ) -> std::result::Result<Option<FinalEvaluation>, String> {
     // One from an earlier end (the job was extended since) is not the newest step's.
-    Ok(FinalEvaluation::read(dir)?.filter(|evaluation| evaluation.raw.step == steps_done))
+    let evaluation = FinalEvaluation::read(dir)?.filter(|evaluation| evaluation.raw.step == steps_done);
+    Ok(evaluation.map(|mut evaluation| {
+        for report in std::iter::once(&mut evaluation.raw).chain(evaluation.ema.as_mut()) {
+            report.checkpoint = redact(&report.checkpoint);
+            report.data = redact(&report.data);
+        }
+        evaluation
+    }))
 }
 
 /// Per attempt: its span, how it ended, and what its interruption cost.

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::redact::redact_text;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -31,7 +33,10 @@ pub enum Error {
     #[error("local directory {path}: {source}")]
     LocalDirectory { path: PathBuf, source: std::io::Error },
 
-    #[error("{location}: {source}")]
+    /// `location` is redacted when the error is made; object_store's message quotes the URL it
+    /// was given, credentials included, so it is redacted when displayed. (Code that walks the
+    /// source chain itself must redact too: the effnet binary redacts every line it prints.)
+    #[error("{location}: {}", redact_text(&.source.to_string()))]
     Store { location: String, source: object_store::Error },
 }
 

@@ -75,6 +75,8 @@
 //! - [`retrying`]: the layer every opened store sits behind: reads resumed where their body broke
 //!   off, transient failures retried.
 //! - [`faults`]: fault injection for the reliability tests (`EFFNET_FAULT`, `EFFNET_STORE_FAULTS`).
+//! - [`redact`]: credentials (passwords, presigned queries, SAS tokens) masked out of URLs and
+//!   messages before people see them.
 //! - `testing` (feature `test-server`): a moto S3 server on loopback and the conformance suite.
 
 pub mod error;
@@ -83,6 +85,7 @@ pub mod io;
 pub mod location;
 pub mod options;
 pub mod read_only;
+pub mod redact;
 pub mod retrying;
 #[cfg(feature = "test-server")]
 pub mod testing;
@@ -96,3 +99,4 @@ pub use location::{Scheme, StoreLocation, forget_memory_store, open, open_with};
 pub use object_store;
 pub use object_store::path::Path;
 pub use options::{Environment, RetrySettings, StoreOptions};
+pub use redact::{Redacted, redact, redact_json, redact_text, redacted_json};

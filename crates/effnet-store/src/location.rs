@@ -17,6 +17,7 @@ use url::Url;
 use crate::error::{Error, Result};
 use crate::options::{Environment, StoreOptions, is_truthy};
 use crate::read_only::ReadOnlyStore;
+use crate::redact::redact;
 
 /// The kind of store a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,7 +50,7 @@ impl Scheme {
             "gs" => Ok(Scheme::Gcs),
             "az" | "abfs" | "abfss" | "adl" | "azure" => Ok(Scheme::Azure),
             "http" | "https" => Ok(Scheme::Http),
-            _ => Err(Error::UnknownScheme { url: url.to_string(), scheme: scheme.to_string() }),
+            _ => Err(Error::UnknownScheme { url: redact(url), scheme: scheme.to_string() }),
         }
     }
 }
@@ -118,11 +119,11 @@ pub fn open_with(url: &str, options: &StoreOptions) -> Result<StoreLocation> {
 }
 
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
-    Error::InvalidUrl { url: url.to_string(), reason: reason.into() }
+    Error::InvalidUrl { url: redact(url), reason: reason.into() }
 }
 
 fn build_error(url: &str, source: object_store::Error) -> Error {
-    Error::Store { location: url.to_string(), source }
+    Error::Store { location: redact(url), source }
 }
 
 fn parse_url(url: &str) -> Result<Url> {
@@ -280,8 +281,7 @@ fn open_s3(url: &str, options: &StoreOptions) -> Result<(Arc<dyn ObjectStore>, P
 fn check_s3_credentials(url: &str, builder: &AmazonS3Builder, options: &StoreOptions) -> Result<()> {
     let has = |key: AmazonS3ConfigKey| builder.get_config_value(&key).is_some_and(|v| !v.is_empty());
     let flag = |key: AmazonS3ConfigKey| builder.get_config_value(&key).is_some_and(|v| is_truthy(&v));
-    let missing =
-        |hint: &str| Err(Error::MissingCredentials { url: url.to_string(), hint: hint.to_string() });
+    let missing = |hint: &str| Err(Error::MissingCredentials { url: redact(url), hint: hint.to_string() });
     match (has(AmazonS3ConfigKey::AccessKeyId), has(AmazonS3ConfigKey::SecretAccessKey)) {
         (true, true) => return Ok(()),
         (true, false) => return missing("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"),
@@ -352,7 +352,7 @@ fn check_gcs_credentials(
         return Ok(());
     }
     Err(Error::MissingCredentials {
-        url: url.to_string(),
+        url: redact(url),
         hint:
             "set GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT (a service account JSON file) or \
                GOOGLE_SERVICE_ACCOUNT_KEY, run `gcloud auth application-default login`, or enable \
@@ -408,7 +408,7 @@ fn check_azure_credentials(url: &str, builder: &MicrosoftAzureBuilder, options: 
         return Ok(());
     }
     Err(Error::MissingCredentials {
-        url: url.to_string(),
+        url: redact(url),
         hint:
             "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_TOKEN, or \
                AZURE_CLIENT_ID/AZURE_CLIENT_SECRET/AZURE_TENANT_ID), AZURE_USE_AZURE_CLI=true, or enable \
@@ -432,7 +432,7 @@ fn open_http(url: &str, options: &StoreOptions) -> Result<(Arc<dyn ObjectStore>,
         builder = builder.with_config(ClientConfigKey::AllowHttp, "true");
     }
     let store = builder.build().map_err(|e| build_error(url, e))?;
-    Ok((Arc::new(ReadOnlyStore::new(store, url)), Path::default()))
+    Ok((Arc::new(ReadOnlyStore::new(store, redact(url))), Path::default()))
 }
 
 #[cfg(test)]

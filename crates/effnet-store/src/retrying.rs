@@ -129,7 +129,7 @@ where
 /// enough in production that seeing it is worth a line.
 fn tracing_free_warn(what: &str, path: &Path, tries: u32, error: &object_store::Error) {
     if std::env::var_os("EFFNET_STORE_QUIET_RETRIES").is_none() {
-        let error = error.to_string().replace('\n', " ");
+        let error = crate::redact::redact_text(&error.to_string()).replace('\n', " ");
         eprintln!("store: {what} {path} failed ({error}); retry {tries} of {RETRIES}");
     }
 }

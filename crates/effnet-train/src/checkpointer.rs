@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use effnet_config::{CheckpointOnError, JobSpec};
+use effnet_store::Redacted;
 use serde_json::json;
 
 use crate::checkpoint::{self, CheckpointStore, SaveStats};
@@ -100,7 +101,7 @@ impl Checkpointer {
             {
                 let committed = runtime.block_on(store.committed())?;
                 if !committed.is_empty() {
-                    tracing::warn!(url = %self.url, count = committed.len(), "--fresh: deleting the job's existing checkpoints");
+                    tracing::warn!(url = %Redacted(&self.url), count = committed.len(), "--fresh: deleting the job's existing checkpoints");
                     runtime.block_on(store.purge(0, 0))?;
                 }
             }
@@ -145,7 +146,10 @@ impl Checkpointer {
             let refused =
                 effnet_store::retrying::io_kind(&error).is_some_and(effnet_store::retrying::is_refusal);
             if refused {
-                Error::invalid("checkpoint.url", format!("'{}' cannot be written: {error}", self.url))
+                Error::invalid(
+                    "checkpoint.url",
+                    format!("'{}' cannot be written: {error}", Redacted(&self.url)),
+                )
             } else {
                 error.into()
             }
@@ -246,7 +250,7 @@ impl Checkpointer {
         let (stats, deleted) = match saved {
             Ok(saved) => saved,
             Err(error) => {
-                let url = self.url_of(step);
+                let url = effnet_store::redact(&self.url_of(step));
                 let newest =
                     self.saves.last().map_or("none in this run".to_string(), |s| format!("step {}", s.step));
                 let reason = error.to_string();

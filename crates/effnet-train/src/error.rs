@@ -1,21 +1,24 @@
-//! Errors of the trainer. Each message fits on one line and names the offending field, URL or file.
+//! Errors of the trainer. Each message fits on one line and names the offending field, URL or file;
+//! URLs are displayed redacted (`effnet_store::redact`), as they may carry credentials.
+
+use effnet_store::{redact, redact_text};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The job asks for something that cannot work (`what` is the job field).
-    #[error("{what}: {reason}")]
+    #[error("{what}: {}", redact_text(.reason))]
     InvalidJob { what: String, reason: String },
 
     /// The checkpoint exists but was written for another model or job.
-    #[error("checkpoint {url} does not fit this job: {reason}")]
+    #[error("checkpoint {} does not fit this job: {}", redact(.url), redact_text(.reason))]
     IncompatibleCheckpoint { url: String, reason: String },
 
     /// A checkpoint that cannot be used: not committed, checksum mismatch, unreadable content.
-    #[error("checkpoint {url}: {reason}")]
+    #[error("checkpoint {}: {}", redact(.url), redact_text(.reason))]
     BadCheckpoint { url: String, reason: String },
 
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", redact_text(.path))]
     Io { path: String, source: std::io::Error },
 
     /// A checkpoint could not be saved (with `checkpoint.on_error: stop`). It is not committed.

@@ -13,6 +13,7 @@ use effnet_data::EpochPlan;
 use effnet_data::loader::{BatchLoader, StreamOptions, Transform};
 use effnet_data::reader::Dataset;
 use effnet_model::{EfficientNet, EfficientNetConfig};
+use effnet_store::redact;
 use effnet_vision::EvalTransform;
 use serde::{Deserialize, Serialize};
 use tch::nn::ModuleT;
@@ -431,11 +432,12 @@ pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<Checkpoint
     };
     let evaluation = evaluate(&runtime, &model, &settings, None)?;
     let header = ReportHeader {
-        checkpoint: url.to_string(),
+        // Printed and written for people: URLs redacted.
+        checkpoint: redact(url),
         step: state.step,
         epoch: state.epoch,
         job: spec.name.clone(),
-        data: options.data.clone(),
+        data: redact(&options.data),
         architecture: state.model.architecture.clone(),
         parameters: model.parameter_count(),
         resolution,

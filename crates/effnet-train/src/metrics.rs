@@ -66,7 +66,8 @@ impl MetricsLog {
     /// Write one record of `kind` with the fields of `record` (an object) plus attempt and time.
     pub fn write(&mut self, kind: &str, record: impl Serialize) -> Result<()> {
         let Some(metrics) = &mut self.metrics else { return Ok(()) };
-        let mut value = serde_json::to_value(record).map_err(|e| Error::Internal(e.to_string()))?;
+        // Redacted: records carry the plan and checkpoint URLs, and metrics.jsonl is for people.
+        let mut value = effnet_store::redacted_json(&record).map_err(|e| Error::Internal(e.to_string()))?;
         let object = value
             .as_object_mut()
             .ok_or_else(|| Error::Internal("metrics record must be an object".into()))?;

@@ -6,6 +6,7 @@
 
 use effnet_config::JobSpec;
 use effnet_model::{EfficientNet, EfficientNetConfig};
+use effnet_store::Redacted;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -143,7 +144,7 @@ impl Stateful for Averaged {
                 self.ema.set_updates(updates);
             }
             _ => {
-                tracing::warn!(url = %checkpoint.url, "the checkpoint has no EMA; the average restarts from the restored weights");
+                tracing::warn!(url = %Redacted(&checkpoint.url), "the checkpoint has no EMA; the average restarts from the restored weights");
                 self.ema.restart();
             }
         }

@@ -175,7 +175,10 @@ pub struct RunIdentity {
 
 impl RunIdentity {
     pub fn new(spec: &JobSpec, world_size: usize) -> Result<RunIdentity> {
-        let bytes = serde_json::to_vec(spec).map_err(|e| Error::Internal(e.to_string()))?;
+        // Hashed redacted, like the copy saved: new credentials for the same data are not a
+        // change of the job.
+        let redacted = effnet_store::redacted_json(spec).map_err(|e| Error::Internal(e.to_string()))?;
+        let bytes = serde_json::to_vec(&redacted).map_err(|e| Error::Internal(e.to_string()))?;
         Ok(RunIdentity {
             seed: spec.seed,
             spec: spec.clone(),
@@ -193,7 +196,10 @@ impl Stateful for RunIdentity {
         checkpoint.set("seed", self.seed)?;
         checkpoint.set("config_hash", &self.config_hash)?;
         checkpoint.set("world_size", self.world_size)?;
-        checkpoint.set("spec", &self.spec)
+        // state.json is read by people and by `effnet eval` (the model and transform, never the
+        // data URLs): the spec is saved with its credentials redacted.
+        let spec = effnet_store::redacted_json(&self.spec).map_err(|e| Error::Internal(e.to_string()))?;
+        checkpoint.set("spec", spec)
     }
 
     /// Records what differs (the trainer warns about it once the whole checkpoint has loaded):

@@ -558,8 +558,13 @@ pub fn connect(
             }
             let info = effnet_collective::WorldInfo::from_env()
                 .map_err(|e| Error::invalid("environment", e.to_string()))?;
-            // The coordinator's rendezvous for its workers, else MASTER_ADDR:MASTER_PORT.
-            let tcp = effnet_collective::rendezvous::Tcp::from_env();
+            // The coordinator's rendezvous for its workers, else MASTER_ADDR:MASTER_PORT with
+            // EFFNET_RENDEZVOUS_TOKEN, or a token derived from the job as every rank read it:
+            // the hash of the whole spec (credentials in its URLs included), so another job's
+            // ranks on the same port are refused.
+            let spec_bytes = serde_json::to_vec(spec).map_err(|e| Error::Internal(e.to_string()))?;
+            let job_token = crate::checkpoint::sha256_hex(&spec_bytes);
+            let tcp = effnet_collective::rendezvous::Tcp::from_env(&job_token);
             let rendezvous = rendezvous.unwrap_or(&tcp);
             Box::new(effnet_collective::Nccl::init(&info, rendezvous, timeout).map_err(collective_error)?)
         }

@@ -19,6 +19,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use effnet_config::JobSpec;
+use effnet_store::{Redacted, redact, redacted_json};
 use serde::Serialize;
 use serde_json::json;
 use tch::Device;
@@ -286,12 +287,12 @@ impl<'a> Training<'a> {
         self.identity.load(checkpoint)?;
         let url = &checkpoint.url;
         if self.rank == 0 && self.identity.spec_changed {
-            tracing::warn!(%url, "the job spec changed since this checkpoint was written; continuing with the new spec");
+            tracing::warn!(url = %Redacted(url), "the job spec changed since this checkpoint was written; continuing with the new spec");
         }
         if self.rank == 0
             && let Some(saved) = self.identity.restored_seed.filter(|&s| s != self.identity.seed)
         {
-            tracing::warn!(%url, saved, job = self.identity.seed, "the checkpoint was trained with another seed; the rest of its epoch keeps its order, later epochs and masks follow the job's seed");
+            tracing::warn!(url = %Redacted(url), saved, job = self.identity.seed, "the checkpoint was trained with another seed; the rest of its epoch keeps its order, later epochs and masks follow the job's seed");
         }
         Ok(())
     }
@@ -566,11 +567,12 @@ impl<'a> Training<'a> {
     fn write_final_evaluation(&self, raw: Evaluation, average: Option<Evaluation>) -> Result<()> {
         let plan = &self.plan;
         let header = ReportHeader {
-            checkpoint: self.checkpointer.url_of(self.progress.step),
+            // For people (evaluation.json, the report): URLs redacted.
+            checkpoint: redact(&self.checkpointer.url_of(self.progress.step)),
             step: self.progress.step,
             epoch: self.progress.epoch,
             job: self.spec.name.clone(),
-            data: self.spec.data.val.clone().unwrap_or_default(),
+            data: redact(self.spec.data.val.as_deref().unwrap_or_default()),
             architecture: plan.model.architecture.clone(),
             parameters: plan.model.parameters,
             resolution: plan.resolution,
@@ -611,7 +613,10 @@ impl<'a> Training<'a> {
                 return Err(Error::Io { path: path.display().to_string(), source });
             }
         }
-        let resolved = json!({ "spec": self.spec, "plan": &self.plan });
+        // Redacted: job.json is for people and the report; the run itself keeps the spec it was
+        // given, credentials included, in memory.
+        let resolved = redacted_json(&json!({ "spec": self.spec, "plan": &self.plan }))
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let path = job_dir.join(JOB_FILE);
         std::fs::write(&path, serde_json::to_vec_pretty(&resolved).unwrap_or_default())
             .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
@@ -622,7 +627,7 @@ impl<'a> Training<'a> {
             json!({
                 "step": self.progress.step,
                 "epoch": self.progress.epoch,
-                "resumed_from": self.restored.as_ref().map(|(url, _)| url),
+                "resumed_from": self.restored.as_ref().map(|(url, _)| redact(url)),
                 // A checkpoint of another world size: the rest of its epoch is re-dealt.
                 "resumed_world_size": restored_world,
                 "redealt": restored_world.is_some_and(|w| w as usize != self.world_size),
@@ -645,7 +650,7 @@ impl<'a> Training<'a> {
             }),
         )?;
         if let Some((url, step)) = &self.restored {
-            tracing::info!(%url, step, world_size = self.world_size, ?restored_world, "resuming");
+            tracing::info!(url = %Redacted(url), step, world_size = self.world_size, ?restored_world, "resuming");
         }
         Ok(metrics)
     }
@@ -703,7 +708,8 @@ impl<'a> Training<'a> {
                 }),
             )?;
             let path = summary.plan.job_dir.join(SUMMARY_FILE);
-            std::fs::write(&path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
+            let redacted = redacted_json(&summary).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&path, serde_json::to_vec_pretty(&redacted).unwrap_or_default())
                 .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         }
         Ok(summary)

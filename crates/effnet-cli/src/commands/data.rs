@@ -203,7 +203,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
             let dataset = runtime.block_on(Dataset::open(&url))?;
             let m = &dataset.manifest;
             let report = Inspection {
-                url,
+                url: effnet_store::redact(&url),
                 name: m.name.clone(),
                 parts: m.files.len(),
                 rows: m.rows,
@@ -252,7 +252,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
                         .map(|b| CorruptSample { key: b.key.clone(), reason: b.reason.clone() }),
                 );
                 anyhow::Ok(Verification {
-                    url: url.clone(),
+                    url: effnet_store::redact(&url),
                     samples: dataset.manifest.rows,
                     decoded,
                     corrupt,

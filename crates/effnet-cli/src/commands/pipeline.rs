@@ -324,7 +324,9 @@ fn finished_summary(job_dir: &Path) -> Option<serde_json::Value> {
 fn settings_changed(job_dir: &Path, spec: &JobSpec) -> Result<bool> {
     let Ok(bytes) = std::fs::read(job_dir.join(effnet_jobdir::JOB_FILE)) else { return Ok(false) };
     let previous: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    Ok(previous["spec"] != serde_json::to_value(spec)?)
+    // job.json holds the spec redacted (effnet_store::redact), so the comparison is too: a spec
+    // with credentials in a URL is not "changed" on every run.
+    Ok(previous["spec"] != effnet_store::redacted_json(spec)?)
 }
 
 /// The resolved spec as a job file (JSON is YAML), so the run is exactly what was resolved.

@@ -126,15 +126,15 @@ fn train(args: RunArgs, launch: Launch) -> Result<()> {
     if args.check {
         let plan = effnet_train::check(&spec)?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            out!("{}", serde_json::to_string_pretty(&effnet_store::redacted_json(&plan)?)?);
         } else {
             print_plan(&plan);
             let workers = spec.distributed.workers;
             if workers > 1 {
                 let backend = format!("{:?}", super::local::backend(&spec)).to_lowercase();
-                println!("workers          {workers} ({backend}, device {:?})", spec.distributed.device);
+                out!("workers          {workers} ({backend}, device {:?})", spec.distributed.device);
             }
-            println!("{}: ok", job.display());
+            out!("{}: ok", job.display());
         }
         return Ok(());
     }
@@ -168,7 +168,12 @@ pub(crate) fn finish(spec: &JobSpec, summary: &RunSummary, args: &TrainArgs) {
         return;
     }
     if args.json {
-        out!("{}", serde_json::to_string_pretty(summary).unwrap_or_default());
+        out!(
+            "{}",
+            effnet_store::redacted_json(summary)
+                .and_then(|s| serde_json::to_string_pretty(&s))
+                .unwrap_or_default()
+        );
     } else {
         print_summary(summary);
     }
@@ -179,8 +184,8 @@ pub(crate) fn finish(spec: &JobSpec, summary: &RunSummary, args: &TrainArgs) {
 
 fn print_plan(plan: &RunPlan) {
     let model = &plan.model;
-    println!("job              {}  (directory {})", plan.job, plan.job_dir.display());
-    println!(
+    out!("job              {}  (directory {})", plan.job, plan.job_dir.display());
+    out!(
         "model            {} at {}×{}, {} classes, {} input channel(s), {} parameters, {:.3} GFLOPs",
         model.architecture,
         plan.resolution,
@@ -190,7 +195,7 @@ fn print_plan(plan: &RunPlan) {
         model.parameters,
         plan.multiply_adds as f64 / 1e9
     );
-    println!(
+    out!(
         "data             {} training samples{}",
         plan.train_samples,
         plan.val_samples.map(|v| format!(", {v} validation samples")).unwrap_or_default()
@@ -199,17 +204,21 @@ fn print_plan(plan: &RunPlan) {
         effnet_train::progress::TrainLength::Steps(steps) => format!("{steps} steps"),
         effnet_train::progress::TrainLength::Epochs(epochs) => format!("{epochs} epochs"),
     };
-    println!(
+    out!(
         "steps            {} ({} per epoch, global batch {}; {length})",
-        plan.total_steps, plan.steps_per_epoch, plan.global_batch
+        plan.total_steps,
+        plan.steps_per_epoch,
+        plan.global_batch
     );
-    println!(
+    out!(
         "learning rate    peak {:.4e} after {:.2} warm-up steps, then {:?}",
-        plan.schedule.peak, plan.schedule.warmup_steps, plan.schedule.decay
+        plan.schedule.peak,
+        plan.schedule.warmup_steps,
+        plan.schedule.decay
     );
-    println!("drop path        {:?}", plan.drop_path);
-    println!("dropout          {}", plan.dropout);
-    println!(
+    out!("drop path        {:?}", plan.drop_path);
+    out!("dropout          {}", plan.dropout);
+    out!(
         "evaluation       {}",
         match plan.eval_every {
             Some(effnet_train::schedule::Interval::Steps(steps)) =>
@@ -219,15 +228,15 @@ fn print_plan(plan: &RunPlan) {
             None => "at the end".into(),
         }
     );
-    println!("checkpoints      {}", plan.checkpoint_url);
+    out!("checkpoints      {}", effnet_store::Redacted(&plan.checkpoint_url));
 }
 
 fn print_summary(summary: &RunSummary) {
     print_plan(&summary.plan);
     if let Some(step) = summary.resumed_from {
-        println!("resumed from     step {step}");
+        out!("resumed from     step {step}");
     }
-    println!(
+    out!(
         "trained          {} steps, {:.1} images/s, data wait {:.1}% of step time, {:.0} s wall",
         summary.steps,
         summary.train_images_per_s,
@@ -235,7 +244,7 @@ fn print_summary(summary: &RunSummary) {
         summary.wall_s
     );
     if summary.world_size > 1 {
-        println!(
+        out!(
             "workers          {} (all-reduce {:.1}% of rank 0's step time)",
             summary.world_size,
             summary.comm_fraction * 100.0
@@ -243,24 +252,24 @@ fn print_summary(summary: &RunSummary) {
     }
     let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
     match (summary.peak_memory_bytes, summary.gpu_memory_peak_bytes) {
-        (Some(host), Some(gpu)) => println!(
+        (Some(host), Some(gpu)) => out!(
             "peak memory      {:.0} MiB resident, {:.0} MiB on the GPU (held by tensors)",
             mib(host as f64),
             mib(gpu as f64)
         ),
-        (Some(host), None) => println!("peak memory      {:.0} MiB resident", mib(host as f64)),
+        (Some(host), None) => out!("peak memory      {:.0} MiB resident", mib(host as f64)),
         (None, Some(gpu)) => {
-            println!("peak memory      {:.0} MiB on the GPU (held by tensors)", mib(gpu as f64))
+            out!("peak memory      {:.0} MiB on the GPU (held by tensors)", mib(gpu as f64))
         }
         (None, None) => {}
     }
     if summary.skipped_samples > 0 {
         let keys: Vec<String> =
             summary.skipped.iter().map(|s| format!("{} (rank {}: {})", s.key, s.rank, s.reason)).collect();
-        println!("skipped          {} unusable samples: {}", summary.skipped_samples, keys.join(", "));
+        out!("skipped          {} unusable samples: {}", summary.skipped_samples, keys.join(", "));
     }
     if let Some(val) = summary.val {
-        println!(
+        out!(
             "validation       top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} samples)",
             val.top1 * 100.0,
             val.top5 * 100.0,
@@ -269,7 +278,7 @@ fn print_summary(summary: &RunSummary) {
         );
     }
     if let Some(val) = summary.val_ema {
-        println!(
+        out!(
             "validation (EMA) top-1 {:.2}%  top-5 {:.2}%  loss {:.4}",
             val.top1 * 100.0,
             val.top5 * 100.0,
@@ -277,9 +286,9 @@ fn print_summary(summary: &RunSummary) {
         );
     }
     if let Some(last) = summary.checkpoints.last() {
-        println!(
+        out!(
             "last checkpoint  {}/step-{:08} ({:.1} MB, saved in {:.2} s)",
-            summary.plan.checkpoint_url.trim_end_matches('/'),
+            effnet_store::redact(summary.plan.checkpoint_url.trim_end_matches('/')),
             last.step,
             last.bytes as f64 / 1e6,
             last.seconds

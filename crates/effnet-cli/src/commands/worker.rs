@@ -48,7 +48,8 @@ pub fn coordinated(url: &str, job_id: &str, token: &TokenArgs, args: &TrainArgs)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let detail = runtime.block_on(client.job(job_id))?;
+    // As submitted: the worker opens the job's URLs, with whatever credentials they carry.
+    let detail = runtime.block_on(client.job_with_credentials(job_id))?;
     let mut spec = JobSpec::from_yaml_str(&detail.yaml, &format!("job {job_id}"))?;
     let world = effnet_collective::WorldInfo::from_env().map_err(|e| bad_input!("{e}"))?;
     let engine_given = world.source != "single";
@@ -269,11 +270,14 @@ fn heartbeats(
                     Action::Train | Action::Wait => {}
                     Action::Restart | Action::Stop if done.load(Ordering::SeqCst) => return,
                     Action::Restart => {
-                        eprintln!("error: {}", restart(&answer));
+                        eprintln!("error: {}", effnet_store::redact_text(&restart(&answer).to_string()));
                         std::process::exit(i32::from(RESTART_EXIT));
                     }
                     Action::Stop => {
-                        eprintln!("error: {}", stopped(job_id, &answer));
+                        eprintln!(
+                            "error: {}",
+                            effnet_store::redact_text(&stopped(job_id, &answer).to_string())
+                        );
                         std::process::exit(1);
                     }
                 }

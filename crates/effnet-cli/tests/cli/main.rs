@@ -19,6 +19,7 @@ mod overrides;
 mod parity;
 mod pipeline;
 mod report;
+mod secrets;
 mod slurm;
 mod train;
 mod variants;

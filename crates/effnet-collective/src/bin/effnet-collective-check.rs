@@ -92,7 +92,9 @@ fn main() {
         Backend::Mpi => Box::new(Mpi::init(args.timeout).unwrap_or_else(|e| fail(None, e))),
         Backend::Nccl => {
             let info = WorldInfo::from_env().unwrap_or_else(|e| fail(None, e));
-            let rendezvous = rendezvous::Tcp::from_env();
+            // Without EFFNET_RENDEZVOUS_TOKEN every check run shares this token: the check has
+            // no job to derive one from.
+            let rendezvous = rendezvous::Tcp::from_env("effnet-collective-check");
             Box::new(
                 Nccl::init(&info, &rendezvous, args.timeout).unwrap_or_else(|e| fail(Some(info.rank), e)),
             )
