@@ -9,10 +9,11 @@ At the end it checks, and exits 1 when one fails:
 - the run finished (exit 0) and survived every fault (each one ended a generation);
 - every completed epoch trained each sample exactly once, counting each step's keys from the
   last attempt that trained it (a resumed run redoes the steps after its checkpoint);
-- resident memory is flat: within each generation, after its first 30 s, the workers' memory
-  grows less than 16 MiB from its first to its last quarter;
-- open files do not grow within a generation, and the job directory holds no more files at the
-  end than its retention keeps;
+- resident memory is flat: each worker process, after its first 30 s, grows less than 32 MiB
+  from its first to its last quarter (a new epoch's plan and loader add up to ~20 MiB once), and
+  the last processes sit no more than 16 MiB above the first ones (no leak that outlives restarts);
+- open files do not grow in a worker's life, and the checkpoint directory holds no more
+  checkpoints at the end than its retention keeps;
 - no temporary file was left behind.
 
 Writes OUT/soak.csv (the samples), OUT/rss.svg (the memory curve with the faults marked) and
@@ -152,6 +153,7 @@ def main():
                "tmp_files": count_files(tmp)}
         for rank, pid in live:
             if rank in (0, 1):
+                row[f"pid{rank}"] = pid
                 row[f"rss{rank}"] = proc_status(pid, "VmRSS")
                 row[f"fds{rank}"] = open_fds(pid)
         samples.append(row)
@@ -173,14 +175,15 @@ def main():
     report(status, wall, samples, faults, leftovers)
 
 
-def generations(samples, faults):
-    """Split the samples at the faults: one list per generation."""
-    cuts = [f["t"] for f in faults] + [float("inf")]
-    parts, start = [], 0.0
-    for cut in cuts:
-        parts.append([s for s in samples if start <= s["t"] < cut])
-        start = cut
-    return parts
+def lives(samples):
+    """Each worker process's samples: (rss, fds) lists by pid, in time order."""
+    by_pid = {}
+    for s in samples:
+        for rank in (0, 1):
+            pid = s.get(f"pid{rank}")
+            if pid and s.get(f"rss{rank}"):
+                by_pid.setdefault(pid, []).append((s["t"], s[f"rss{rank}"], s.get(f"fds{rank}")))
+    return by_pid
 
 
 def report(status, wall, samples, faults, leftovers):
@@ -216,7 +219,8 @@ def report(status, wall, samples, faults, leftovers):
     checked, lost, duplicated = 0, 0, 0
     previous = 0
     for end in epoch_ends:
-        keys = [k for step in range(previous + 1, end + 1) for k in by_step.get(step, (0, []))[1]]
+        # A sample line's step counts the steps done before it; `epoch_end` counts them after.
+        keys = [k for step in range(previous, end) for k in by_step.get(step, (0, []))[1]]
         unique = set(keys)
         duplicated += len(keys) - len(unique)
         if rows is not None:
@@ -228,28 +232,31 @@ def report(status, wall, samples, faults, leftovers):
     if not epoch_ends:
         failures.append("no epoch completed: the exactly-once check had nothing to check")
 
-    # Memory and files per generation.
-    growth = []
-    fd_spread = []
-    for part in generations(samples, faults):
-        if not part:
+    # Memory and files per worker process (each generation's processes are new), after 30 s.
+    growth, fd_spread, medians = [], [], []
+    for life in lives(samples).values():
+        steady = [(rss, fds) for t, rss, fds in life if t - life[0][0] > 30]
+        if len(steady) < 20:
             continue
-        steady = [s for s in part if s["t"] - part[0]["t"] > 30]
-        for rank in (0, 1):
-            rss = [s[f"rss{rank}"] for s in steady if s.get(f"rss{rank}")]
-            fds = [s[f"fds{rank}"] for s in steady if s.get(f"fds{rank}")]
-            if len(rss) >= 20:
-                quarter = len(rss) // 4
-                growth.append((statistics.median(rss[-quarter:]) - statistics.median(rss[:quarter])) / 2**20)
-            if len(fds) >= 20:
-                fd_spread.append(max(fds) - min(fds))
+        rss = [r for r, _ in steady]
+        quarter = len(rss) // 4
+        growth.append((statistics.median(rss[-quarter:]) - statistics.median(rss[:quarter])) / 2**20)
+        medians.append((life[0][0], statistics.median(rss) / 2**20))
+        fds = [f for _, f in steady if f]
+        fd_spread.append(max(fds) - min(fds))
     worst_growth = max(growth, default=0.0)
+    medians.sort()
+    # Across the run: a leak that outlives restarts (state that grows with the step count) shows
+    # as later processes sitting higher than earlier ones.
+    trend = statistics.median(m for _, m in medians[-3:]) - statistics.median(m for _, m in medians[:3]) if len(medians) >= 6 else 0.0
     if not growth:
-        failures.append("no generation ran long enough to judge memory")
-    if worst_growth > 16:
-        failures.append(f"a worker's resident memory grew {worst_growth:.1f} MiB within a generation")
+        failures.append("no worker lived long enough to judge memory")
+    if worst_growth > 32:
+        failures.append(f"a worker's resident memory grew {worst_growth:.1f} MiB in its life")
+    if trend > 16:
+        failures.append(f"later workers sit {trend:.1f} MiB higher than the first ones")
     if fd_spread and max(fd_spread) > 8:
-        failures.append(f"a worker's open files varied by {max(fd_spread)} within a generation")
+        failures.append(f"a worker's open files varied by {max(fd_spread)} in its life")
     checkpoints = os.path.join(WORK, "job", "checkpoints")
     kept = [d for d in os.listdir(checkpoints) if d.startswith("step-")]
     if len(kept) > KEEP_LAST + 1:
@@ -262,7 +269,7 @@ def report(status, wall, samples, faults, leftovers):
     launcher_growth = (launcher[-1] - launcher[len(launcher) // 10]) / 2**20 if len(launcher) > 10 else 0.0
 
     with open(os.path.join(OUT, "soak.csv"), "w") as f:
-        columns = ["t", "step", "rss0", "rss1", "fds0", "fds1", "launcher_rss", "launcher_fds", "job_files", "tmp_files"]
+        columns = ["t", "step", "pid0", "rss0", "fds0", "pid1", "rss1", "fds1", "launcher_rss", "launcher_fds", "job_files", "tmp_files"]
         f.write(",".join(columns) + "\n")
         for s in samples:
             f.write(",".join("" if s.get(c) is None else str(s[c]) for c in columns) + "\n")
@@ -275,9 +282,10 @@ def report(status, wall, samples, faults, leftovers):
         f"at steps {', '.join(str(f['step']) for f in faults)}; {restarts} restarts",
         f"- store faults throughout: `{STORE_FAULTS}`",
         f"- exactly once: {checked} completed epochs checked, {lost} samples lost, {duplicated} duplicated",
-        f"- resident memory per worker: peak {peak:.0f} MiB; worst growth within a generation "
-        f"{worst_growth:.1f} MiB (first to last quarter, after 30 s); the launcher grew {launcher_growth:.1f} MiB",
-        f"- open files per worker: largest spread within a generation {max(fd_spread, default=0)}; "
+        f"- resident memory per worker process: peak {peak:.0f} MiB; largest growth in one process's life "
+        f"{worst_growth:.1f} MiB (median of its first to its last quarter, after 30 s; {len(growth)} processes); "
+        f"the last three processes against the first three {trend:+.1f} MiB; the launcher grew {launcher_growth:.1f} MiB",
+        f"- open files per worker: largest spread in one process's life {max(fd_spread, default=0)}; "
         f"checkpoint directories at the end {len(kept)} (keep_last {KEEP_LAST}); temporary files left {leftovers}",
         f"- last step seen by the sampler {last}; the curve: rss.svg, the samples: soak.csv",
     ]

@@ -105,17 +105,28 @@ impl CheckpointStore {
         let started = Instant::now();
         let directory = directory_name(step);
         let store = self.location.store.as_ref();
-        let mut digests = BTreeMap::new();
+        // Checksums on their own threads, one per file, while the files are written: hashing a
+        // B7 state (1 GB) serially took three times as long as writing it.
+        let hashing: Vec<(String, u64, std::thread::JoinHandle<String>)> = files
+            .iter()
+            .map(|(name, content)| {
+                let content = content.clone();
+                (name.clone(), content.len() as u64, std::thread::spawn(move || sha256_hex(&content)))
+            })
+            .collect();
         let mut total = 0;
-        for (name, content) in files {
-            let digest = FileDigest { bytes: content.len() as u64, sha256: sha256_hex(&content) };
-            total += digest.bytes;
+        for (written, (name, content)) in files.into_iter().enumerate() {
+            total += content.len() as u64;
             effnet_store::put_bytes(store, &self.location.path(&format!("{directory}/{name}"))?, content)
                 .await?;
-            digests.insert(name, digest);
-            if digests.len() == 1 {
+            if written == 0 {
                 effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
             }
+        }
+        let mut digests = BTreeMap::new();
+        for (name, bytes, hashing) in hashing {
+            let sha256 = hashing.join().map_err(|_| Error::Internal(format!("hashing {name} failed")))?;
+            digests.insert(name, FileDigest { bytes, sha256 });
         }
         let commit = Commit { format: COMMIT_FORMAT, step, metric, files: digests };
         let marker = serde_json::to_vec_pretty(&commit).map_err(|e| Error::Internal(e.to_string()))?;

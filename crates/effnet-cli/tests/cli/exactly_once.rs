@@ -332,3 +332,26 @@ fn a_job_without_restarts_left_fails_with_the_reason() {
     assert!(!stderr.contains("restarting job"), "{stderr}");
     assert_eq!(records(&job_dir, "start").len(), 1, "no second generation");
 }
+
+/// Two epochs on two ranks whose shares differ (1,006 samples in row groups of 16): every good
+/// sample is trained once in each epoch, the epochs split at the step their `epoch_end` names
+/// (a sample line's step counts the steps done before it: the first epoch's lines are those
+/// below the step its `epoch_end` reports).
+#[test]
+fn two_epochs_on_two_ranks_train_each_good_sample_once_per_epoch() {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = write_job(dir.path(), data.path(), 2);
+    let text = std::fs::read_to_string(&yaml).unwrap().replace("  epochs: 1\n", "  epochs: 2\n");
+    std::fs::write(&yaml, text).unwrap();
+    let outcome = effnet(&["run", yaml.to_str().unwrap(), "--progress", "never"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let job_dir = dir.path().join("job");
+    let ends: Vec<u64> = records(&job_dir, "epoch_end").iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(ends.len(), 2, "{ends:?}");
+    let lines = sample_lines(&job_dir);
+    let first: Vec<String> = lines.iter().filter(|l| l.1 < ends[0]).flat_map(|l| l.3.clone()).collect();
+    let second: Vec<String> = lines.iter().filter(|l| l.1 >= ends[0]).flat_map(|l| l.3.clone()).collect();
+    assert_exactly_once(&first);
+    assert_exactly_once(&second);
+}
