@@ -8,7 +8,7 @@
 #   make bench        benchmarks against PyTorch (model step, input pipeline, training) and the
 #                     coordinator under 1,000 heartbeating workers; figures in docs/benchmarks.md
 #   make soak         the reliability soak: 10,000 steps with faults, memory and files watched
-#                     (~25 min; docs/reliability.md, results in docs/soak/)
+#                     (~8 min; docs/reliability.md, results in docs/soak/)
 #   make device-bundle the CUDA build stripped and packed for a GPU machine without build tools:
 #                     target/device/effnet-device.tar.xz, run there by scripts/device-check.sh (docs/gpu.md)
 
@@ -48,6 +48,7 @@ bench: venv-reference
 	@scripts/bench-precision.sh
 	@scripts/bench-distributed.sh
 	@scripts/bench-coordinator.sh
+	@scripts/bench-checkpoint.sh
 
 soak: build
 	@scripts/soak.sh

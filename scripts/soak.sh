@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reliability soak (docs/reliability.md): 10,000 steps on two MPI workers through `effnet run`,
 # a checkpoint every 100 steps, store faults throughout and a worker SIGKILLed or SIGSTOPped about
-# every 1,000 steps; memory, open files and temporary files sampled every 2 s. About 25 minutes on
-# 2 cores. Writes docs/soak/ (soak.md, rss.svg, soak.csv); exits 1 when a check fails.
+# every 1,000 steps; memory, open files and temporary files sampled every 0.5 s. About 8 minutes on
+# an idle 2-core machine. Writes docs/soak/ (soak.md, rss.svg, soak.csv); exits 1 when a check fails.
 #
 #   make soak                    the whole soak
 #   scripts/soak.sh --steps 700  a short one (its checks need at least one epoch: 3,750 steps)

@@ -113,6 +113,11 @@ const REPORT_URL: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/issues");
 fn install_panic_hook() {
     static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     std::panic::set_hook(Box::new(|info| {
+        // A panic the data reader catches and reports as a corrupt file (parquet-rs panics on
+        // some corrupt pages) is not ours to end the process for.
+        if effnet_data::panics::expected() {
+            return;
+        }
         // One line even when threads panic together: the first reports and exits, the others
         // wait for the exit.
         if PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -138,11 +143,22 @@ fn install_panic_hook() {
 
 /// A panic on purpose, for the tests of the panic hook: `EFFNET_TEST_PANIC=main` panics on the
 /// main thread, `EFFNET_TEST_PANIC=thread` on a spawned one (whose panic would otherwise only end
-/// that thread). No command of the tool panics on any input the tests know of, so they need one
+/// that thread), `EFFNET_TEST_PANIC=caught` inside the data reader's [`effnet_data::panics::catching`]
+/// (which must not end the process). No command of the tool panics on any input the tests know of, so they need one
 /// made to order; unset, this does nothing.
 fn panic_if_asked() {
     match std::env::var("EFFNET_TEST_PANIC").as_deref() {
         Ok("main") => panic!("EFFNET_TEST_PANIC asked for a panic on the main thread"),
+        Ok("caught") => {
+            // A panic inside the data reader's catching, as a corrupt Parquet page raises one:
+            // the hook leaves it to the reader, and the command goes on.
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+            let caught = runtime.block_on(effnet_data::panics::catching(async {
+                panic!("EFFNET_TEST_PANIC asked for a caught panic")
+            }));
+            assert!(caught.is_err());
+            eprintln!("the caught panic was handled");
+        }
         Ok("thread") => {
             let panicked =
                 std::thread::spawn(|| panic!("EFFNET_TEST_PANIC asked for a panic on a thread")).join();

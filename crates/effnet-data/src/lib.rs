@@ -10,6 +10,7 @@
 pub mod error;
 pub mod loader;
 pub mod manifest;
+pub mod panics;
 pub mod plan;
 pub mod prepare;
 pub mod reader;

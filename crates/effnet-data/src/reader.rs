@@ -105,13 +105,10 @@ impl Dataset {
             return Ok(found.clone());
         }
         let mut reader = self.object_reader(file)?;
-        let loaded = std::panic::AssertUnwindSafe(ArrowReaderMetadata::load_async(
-            &mut reader,
-            ArrowReaderOptions::new(),
-        ))
-        .catch_unwind()
-        .await
-        .map_err(|panic| Error::Read { path: self.file_url(file), reason: corrupt_parquet(panic) })?;
+        let loaded =
+            crate::panics::catching(ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new()))
+                .await
+                .map_err(|panic| Error::Read { path: self.file_url(file), reason: corrupt_parquet(panic) })?;
         let metadata =
             loaded.map_err(|e| Error::Read { path: self.file_url(file), reason: e.to_string() })?;
         let expected = dataset_schema();
@@ -184,10 +181,9 @@ impl Dataset {
         // parquet-rs panics on some corrupt pages (one flipped byte in a page header's encoding:
         // "Decoder for dict should have been set", found by tests/fuzz_dataset.rs); a corrupt file
         // must be an error naming it, not a panic that takes the worker down.
-        let batches: Vec<_> =
-            std::panic::AssertUnwindSafe(stream.collect()).catch_unwind().await.map_err(|panic| {
-                Error::Read { path: self.file_url(group.file), reason: corrupt_parquet(panic) }
-            })?;
+        let batches: Vec<_> = crate::panics::catching(stream.collect::<Vec<_>>()).await.map_err(|panic| {
+            Error::Read { path: self.file_url(group.file), reason: corrupt_parquet(panic) }
+        })?;
         let classes = self.manifest.classes.len() as i32;
         // Capacity from a count the file claims is capped: the Vec grows with what is really read.
         let mut samples = Vec::with_capacity(unit.rows().min(MAX_BATCH_ROWS) as usize);

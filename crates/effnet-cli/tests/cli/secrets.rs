@@ -183,3 +183,18 @@ fn a_panic_on_any_thread_is_one_line_and_status_1() {
     assert!(outcome.stderr.starts_with("error: internal error: EFFNET_TEST_PANIC"), "{}", outcome.stderr);
     assert!(outcome.stderr.contains("panic_if_asked"), "a backtrace follows: {}", outcome.stderr);
 }
+
+/// A panic the data reader catches (parquet-rs panics on some corrupt pages; the reader reports
+/// the file as corrupt) does not end the process: the hook leaves it alone and the command runs.
+#[test]
+fn a_panic_the_data_reader_catches_does_not_end_the_process() {
+    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["model", "summary"])
+        .env("EFFNET_TEST_PANIC", "caught")
+        .output()
+        .unwrap();
+    let outcome = Outcome::from(output);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert_eq!(outcome.stderr.trim_end(), "the caught panic was handled");
+    assert!(outcome.stdout.contains("EfficientNet-B0"), "{}", outcome.stdout);
+}
