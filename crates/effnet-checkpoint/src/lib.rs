@@ -114,11 +114,19 @@ impl CheckpointStore {
                 (name.clone(), content.len() as u64, std::thread::spawn(move || sha256_hex(&content)))
             })
             .collect();
+        // On a local disk each file is flushed to the disk on its own thread as soon as it is
+        // written, beside the next file's write: the marker follows only durable files.
+        let local = self.local_root().map(|root| root.join(&directory));
+        let mut syncing = Vec::new();
         let mut total = 0;
         for (written, (name, content)) in files.into_iter().enumerate() {
             total += content.len() as u64;
             effnet_store::put_bytes(store, &self.location.path(&format!("{directory}/{name}"))?, content)
                 .await?;
+            if let Some(local) = &local {
+                let path = local.join(&name);
+                syncing.push(std::thread::spawn(move || sync_to_disk(&path)));
+            }
             if written == 0 {
                 effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
             }
@@ -128,6 +136,9 @@ impl CheckpointStore {
             let sha256 = hashing.join().map_err(|_| Error::Internal(format!("hashing {name} failed")))?;
             digests.insert(name, FileDigest { bytes, sha256 });
         }
+        for synced in syncing {
+            synced.join().map_err(|_| Error::Internal("flushing a checkpoint file failed".into()))??;
+        }
         let commit = Commit { format: COMMIT_FORMAT, step, metric, files: digests };
         let marker = serde_json::to_vec_pretty(&commit).map_err(|e| Error::Internal(e.to_string()))?;
         effnet_store::write_marker(
@@ -136,7 +147,27 @@ impl CheckpointStore {
             marker,
         )
         .await?;
+        if let Some(local) = &local {
+            // The marker's data, then the directory entries that name the files and the marker,
+            // then the step directory's own entry in the root.
+            sync_to_disk(&local.join(COMMIT_MARKER))?;
+            sync_to_disk(local)?;
+            if let Some(root) = local.parent() {
+                sync_to_disk(root)?;
+            }
+        }
         Ok(SaveStats { step, bytes: total, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// The local directory of a `file://` or path location: there a committed checkpoint must
+    /// also survive a crash of the machine, which needs explicit flushes (an object store is
+    /// durable once a PUT returns).
+    fn local_root(&self) -> Option<std::path::PathBuf> {
+        if self.location.scheme != effnet_store::Scheme::File {
+            return None;
+        }
+        let current = std::env::current_dir().ok()?;
+        effnet_store::location::local_directory(&self.location.url, &current).ok()
     }
 
     /// Write and delete a small probe object, so that a location the run cannot write fails
@@ -153,10 +184,7 @@ impl CheckpointStore {
     /// directory: a long run would leave thousands. Best effort: a directory that is not empty
     /// (or not there) stays as it is.
     fn remove_local_directory(&self, step: u64) {
-        if self.location.scheme == effnet_store::Scheme::File
-            && let Ok(current) = std::env::current_dir()
-            && let Ok(root) = effnet_store::location::local_directory(&self.location.url, &current)
-        {
+        if let Some(root) = self.local_root() {
             let _ = std::fs::remove_dir(root.join(directory_name(step)));
         }
     }
@@ -388,6 +416,13 @@ pub async fn load_url(url: &str) -> Result<(Commit, HashMap<String, Bytes>)> {
     }
     let location = effnet_store::open(url)?;
     load_directory(&location, "", url).await
+}
+
+/// fsync a file or directory (a directory: its entries).
+fn sync_to_disk(path: &std::path::Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|source| Error::Io { path: path.display().to_string(), source })
 }
 
 #[cfg(test)]

@@ -113,7 +113,13 @@ pub fn open_with(url: &str, options: &StoreOptions) -> Result<StoreLocation> {
     let store: Arc<dyn ObjectStore> = if scheme == Scheme::Memory && faults.is_none() {
         store
     } else {
-        Arc::new(crate::retrying::RetryingStore::new(store))
+        // EFFNET_STORE_MAX_RETRIES=0 (fail at the first error) holds for this layer too.
+        let retries = options
+            .environment
+            .var(crate::options::MAX_RETRIES_VAR)
+            .and_then(|value| value.trim().parse::<u32>().ok())
+            .map_or(crate::retrying::RETRIES, |value| value.min(crate::retrying::RETRIES));
+        Arc::new(crate::retrying::RetryingStore::with_retries(store, retries))
     };
     Ok(StoreLocation { store, prefix, scheme, url: url.to_string() })
 }

@@ -36,11 +36,18 @@ pub const MAX_DELAY: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct RetryingStore {
     inner: Arc<dyn ObjectStore>,
+    retries: u32,
 }
 
 impl RetryingStore {
+    /// With [`RETRIES`] retries.
     pub fn new(inner: Arc<dyn ObjectStore>) -> RetryingStore {
-        RetryingStore { inner }
+        RetryingStore::with_retries(inner, RETRIES)
+    }
+
+    /// With `retries` retries (0: none, as `EFFNET_STORE_MAX_RETRIES=0` asks of every layer).
+    pub fn with_retries(inner: Arc<dyn ObjectStore>, retries: u32) -> RetryingStore {
+        RetryingStore { inner, retries }
     }
 }
 
@@ -106,8 +113,8 @@ pub fn is_transient(error: &object_store::Error) -> bool {
     }
 }
 
-/// Run `attempt` until it succeeds, fails for good, or the retries are spent.
-async fn retry<T, F, Fut>(what: &str, path: &Path, mut attempt: F) -> object_store::Result<T>
+/// Run `attempt` until it succeeds, fails for good, or the `retries` are spent.
+async fn retry<T, F, Fut>(retries: u32, what: &str, path: &Path, mut attempt: F) -> object_store::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = object_store::Result<T>>,
@@ -115,9 +122,9 @@ where
     let mut tries = 0;
     loop {
         match attempt().await {
-            Err(error) if tries < RETRIES && is_transient(&error) => {
+            Err(error) if tries < retries && is_transient(&error) => {
                 tries += 1;
-                tracing_free_warn(what, path, tries, &error);
+                tracing_free_warn(what, path, tries, retries, &error);
                 sleep(delay(tries)).await;
             }
             other => return other,
@@ -127,10 +134,10 @@ where
 
 /// One line on stderr per retry: this crate has no logging dependency, and a retry is rare
 /// enough in production that seeing it is worth a line.
-fn tracing_free_warn(what: &str, path: &Path, tries: u32, error: &object_store::Error) {
+fn tracing_free_warn(what: &str, path: &Path, tries: u32, retries: u32, error: &object_store::Error) {
     if std::env::var_os("EFFNET_STORE_QUIET_RETRIES").is_none() {
         let error = crate::redact::redact_text(&error.to_string()).replace('\n', " ");
-        eprintln!("store: {what} {path} failed ({error}); retry {tries} of {RETRIES}");
+        eprintln!("store: {what} {path} failed ({error}); retry {tries} of {retries}");
     }
 }
 
@@ -152,6 +159,7 @@ struct Resumable {
     version: Option<String>,
     body: BoxStream<'static, object_store::Result<Bytes>>,
     tries: u32,
+    retries: u32,
 }
 
 impl Resumable {
@@ -175,11 +183,11 @@ impl Resumable {
                     },
                     Some(Err(error)) => error,
                 };
-                if state.tries >= RETRIES || !is_transient(&failure) {
+                if state.tries >= state.retries || !is_transient(&failure) {
                     return Some((Err(failure), None));
                 }
                 state.tries += 1;
-                tracing_free_warn("reading", &state.location, state.tries, &failure);
+                tracing_free_warn("reading", &state.location, state.tries, state.retries, &failure);
                 sleep(delay(state.tries)).await;
                 let options = GetOptions {
                     range: Some(GetRange::Bounded(state.next..state.end)),
@@ -212,7 +220,10 @@ impl ObjectStore for RetryingStore {
         if !matches!(opts.mode, PutMode::Overwrite) {
             return self.inner.put_opts(location, payload, opts).await;
         }
-        retry("writing", location, || self.inner.put_opts(location, payload.clone(), opts.clone())).await
+        retry(self.retries, "writing", location, || {
+            self.inner.put_opts(location, payload.clone(), opts.clone())
+        })
+        .await
     }
 
     async fn put_multipart_opts(
@@ -220,13 +231,17 @@ impl ObjectStore for RetryingStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        retry("starting an upload of", location, || self.inner.put_multipart_opts(location, opts.clone()))
-            .await
+        retry(self.retries, "starting an upload of", location, || {
+            self.inner.put_multipart_opts(location, opts.clone())
+        })
+        .await
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         let head = options.head;
-        let result = retry("reading", location, || self.inner.get_opts(location, options.clone())).await?;
+        let result =
+            retry(self.retries, "reading", location, || self.inner.get_opts(location, options.clone()))
+                .await?;
         if head || matches!(result.payload, GetResultPayload::File(..)) {
             return Ok(result);
         }
@@ -241,13 +256,14 @@ impl ObjectStore for RetryingStore {
             version: meta.version.clone(),
             body,
             tries: 0,
+            retries: self.retries,
         }
         .into_stream();
         Ok(GetResult { payload: GetResultPayload::Stream(body), meta, range, attributes, extensions })
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
-        retry("reading ranges of", location, || async {
+        retry(self.retries, "reading ranges of", location, || async {
             let parts = self.inner.get_ranges(location, ranges).await?;
             let short = ranges
                 .iter()
@@ -279,11 +295,11 @@ impl ObjectStore for RetryingStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         // A listing that fails half way is listed again whole: the objects are collected first.
-        let inner = self.inner.clone();
+        let (inner, retries) = (self.inner.clone(), self.retries);
         let prefix = prefix.cloned();
         futures::stream::once(async move {
             let path = prefix.clone().unwrap_or_default();
-            retry("listing", &path, || inner.list(prefix.as_ref()).try_collect::<Vec<_>>()).await
+            retry(retries, "listing", &path, || inner.list(prefix.as_ref()).try_collect::<Vec<_>>()).await
         })
         .map_ok(|objects| futures::stream::iter(objects.into_iter().map(Ok)))
         .try_flatten()
@@ -300,7 +316,7 @@ impl ObjectStore for RetryingStore {
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let path = prefix.cloned().unwrap_or_default();
-        retry("listing", &path, || self.inner.list_with_delimiter(prefix)).await
+        retry(self.retries, "listing", &path, || self.inner.list_with_delimiter(prefix)).await
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {

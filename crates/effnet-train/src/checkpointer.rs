@@ -86,7 +86,6 @@ impl Checkpointer {
     ) -> Result<Option<CheckpointContent>> {
         let mut chosen: Option<(String, HashMap<String, Bytes>)> = None;
         if self.writer {
-            self.check_writable(runtime)?;
             chosen = match (resume, &self.store) {
                 (ResumeFrom::Fresh | ResumeFrom::Scratch, _) | (ResumeFrom::Latest, None) => None,
                 (ResumeFrom::Latest, Some(store)) => {
@@ -134,8 +133,12 @@ impl Checkpointer {
     }
 
     /// Fail now, not at the first checkpoint an hour in, when the checkpoint location refuses
-    /// writes (denied, read-only, full): that is the job's configuration, exit status 2.
-    fn check_writable(&self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    /// writes (denied, read-only, full): that is the job's configuration, exit status 2. Rank 0
+    /// (the writer) only; called once the resume is settled, so a refused resume writes nothing.
+    pub fn check_writable(&self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         let store = match &self.store {
             Some(store) => store.clone(),
             None => CheckpointStore::new(

@@ -252,6 +252,7 @@ impl<'a> Training<'a> {
             training.load(&checkpoint)?;
             training.restored = Some((checkpoint.url.clone(), training.progress.step));
         }
+        training.checkpointer.check_writable(runtime)?;
         // Every rank built or loaded the same weights; rank 0's are authoritative all the same.
         if let Some(parallel) = parallel {
             parallel.broadcast_variables(&training.network.variables())?;
