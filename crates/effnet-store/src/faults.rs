@@ -362,26 +362,16 @@ impl FaultyStore {
         match self.draw(write) {
             Some(fault @ (Fault::Error | Fault::Throttle)) => Err(self.failure(fault, what, path)),
             Some(Fault::Timeout) if !write => {
-                tokio_sleep(self.plan.timeout_after).await;
+                crate::retrying::sleep(self.plan.timeout_after).await;
                 Err(self.failure(Fault::Timeout, what, path))
             }
             Some(Fault::Slow) => {
-                tokio_sleep(self.plan.slow_by).await;
+                crate::retrying::sleep(self.plan.slow_by).await;
                 Ok(None)
             }
             other => Ok(other),
         }
     }
-}
-
-/// A timer without a runtime dependency: a thread sleeps and completes a oneshot.
-async fn tokio_sleep(duration: Duration) {
-    let (sender, receiver) = futures::channel::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        std::thread::sleep(duration);
-        let _ = sender.send(());
-    });
-    let _ = receiver.await;
 }
 
 impl fmt::Display for FaultyStore {
@@ -403,7 +393,7 @@ impl ObjectStore for FaultyStore {
             Some(Fault::Timeout) => {
                 // The write lands, the answer is lost.
                 self.inner.put_opts(location, payload, opts).await?;
-                tokio_sleep(self.plan.timeout_after).await;
+                crate::retrying::sleep(self.plan.timeout_after).await;
                 Err(self.failure(Fault::Timeout, "put", location))
             }
             Some(Fault::Truncate) => {

@@ -56,8 +56,9 @@ fn delay(attempt: u32) -> Duration {
     FIRST_DELAY.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(MAX_DELAY)
 }
 
-/// A sleep that needs no particular async runtime (callers use tokio and `block_on` alike).
-async fn sleep(duration: Duration) {
+/// A sleep that needs no particular async runtime (callers use tokio and `block_on` alike);
+/// the fault injector's delays use it too.
+pub(crate) async fn sleep(duration: Duration) {
     let (sender, receiver) = futures::channel::oneshot::channel::<()>();
     std::thread::spawn(move || {
         std::thread::sleep(duration);
