@@ -96,6 +96,35 @@ def effnet_summary(job_dir, warmup):
     return out
 
 
+def checkpoint_stall(job_dir, warmup):
+    """What the first checkpoint saved after the warm-up cost training: the seconds it blocked the
+    training thread (`blocked_s`) plus how much longer than the other timed steps the steps it
+    overlapped took (those logged between its step and its own record, written when it finished),
+    in seconds and in steps. None without such a checkpoint."""
+    records = read_jsonl(os.path.join(job_dir, "metrics.jsonl"))
+    steps = [r for r in records if r.get("type") == "step"]
+    last = steps[-1].get("step") if steps else None
+    for index, record in enumerate(records):
+        if record.get("type") != "checkpoint" or not isinstance(record.get("blocked_s"), (int, float)):
+            continue
+        step = record.get("step", 0)
+        if step <= warmup or step == last:
+            continue
+        overlapped = [r.get("step_s", 0.0) for r in records[:index]
+                      if r.get("type") == "step" and r.get("step", 0) > step]
+        others = sorted(s.get("step_s", 0.0) for s in steps
+                        if s.get("step", 0) > warmup and not step < s.get("step", 0) <= step + len(overlapped))
+        if not others:
+            return None
+        typical = others[len(others) // 2]
+        slower = sum(max(0.0, s - typical) for s in overlapped)
+        stall = record["blocked_s"] + slower
+        return {"step": step, "bytes": record.get("bytes"), "save_s": record.get("save_s"),
+                "blocked_s": record["blocked_s"], "overlapped_steps": len(overlapped), "slower_s": slower,
+                "median_step_s": typical, "stall_s": stall, "stall_steps": stall / typical if typical else None}
+    return None
+
+
 def number(value, digits=1):
     return "–" if value is None else f"{value:,.{digits}f}"
 
@@ -259,6 +288,16 @@ def report(facts_path, out_dir):
                      f"**{ratio(ours_rate, theirs_rate)}** ({ratio(ours_step, theirs_rate)}) | "
                      f"{gib(ours_peak)} / {gib(theirs_peak)} |")
     lines.append("")
+    stall = checkpoint_stall(facts["effnet-b7.job_dir"], int(facts.get("effnet-b7.warmup", 0))) \
+        if facts.get("effnet-b7.job_dir") else None
+    result["checkpoint_stall"] = stall
+    if stall:
+        lines.append(f"Checkpoint stall ({b7_label}, the save at step {stall['step']}, "
+                     f"{(stall['bytes'] or 0) / 1e6:,.0f} MB, {number(stall['save_s'], 2)} s to save): "
+                     f"{number(stall['blocked_s'], 3)} s blocking the training thread + "
+                     f"{number(stall['slower_s'], 3)} s slower over the {stall['overlapped_steps']} steps it overlapped "
+                     f"= **{number(stall['stall_steps'], 2)} steps** of {number(stall['median_step_s'], 3)} s.")
+        lines.append("")
     if "allocator" in memory_sources:
         lines.append("Peak GPU memory: the caching allocator's peak of allocated bytes (effnet's "
                      "`gpu_memory_peak_bytes`, PyTorch's `max_memory_allocated`).")

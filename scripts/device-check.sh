@@ -20,6 +20,7 @@
 #   (b) `effnet run` steps of B0@224 (batch 256) and B7@600 (batch 32), bf16 + channels_last, on
 #       a generated ImageNet-format JPEG folder (`effnet prepare --from image-folder`): images/s
 #       from metrics.jsonl after the warm-up steps, peak GPU memory
+#       (the B7 run saves one checkpoint in its timed steps: the stall it costs, in steps)
 #   (d) the same steps in PyTorch eager (benches/pytorch_train_gpu.py), and the effnet/PyTorch ratios
 #   (a) the NCCL gradient path inside training: `effnet worker` as rank 0 of a world of 1
 #   (c) the largest B7@600 batch that fits, a bounded search (a few tries of 3 steps each)
@@ -301,6 +302,8 @@ write_job() {
   local name=$1 variant=$2 batch=$3 steps=$4 distributed=${5:-"{device: $DEVICE}"}
   local resolution_line=""
   [[ -n "$RESOLUTION_OVERRIDE" ]] && resolution_line="  resolution: $RESOLUTION_OVERRIDE"
+  local checkpoint_line=""
+  [[ -n "${CHECKPOINT_EVERY:-}" ]] && checkpoint_line="  every_steps: $CHECKPOINT_EVERY"
   cat > "$WORK/runs/$name.yaml" <<YAML
 # Device check: throughput of the training step, not learning. EMA off and no report, as the
 # PyTorch baseline has neither; one checkpoint at the end (the trainer always saves the last step).
@@ -326,6 +329,7 @@ training:
 checkpoint:
   at_epoch_end: false
   keep_last: 1
+$checkpoint_line
 report:
   enabled: false
 distributed: $distributed
@@ -370,7 +374,10 @@ if (( DATA_OK )); then
   fact effnet-b0.warmup "$B0_WARMUP"
   fact effnet-b7.warmup "$B7_WARMUP"
   effnet_run effnet-b0 b0 "$B0_BATCH" $(( B0_WARMUP + B0_TIMED )) 150 45
-  effnet_run effnet-b7 b7 "$B7_BATCH" $(( B7_WARMUP + B7_TIMED )) 180 60
+  # One checkpoint in the middle of the timed B7 steps, saved beside them: the stall it costs
+  # training (the `checkpoint` record's blocked_s, and how much slower the steps it overlaps run).
+  CHECKPOINT_EVERY=$(( B7_WARMUP + (B7_TIMED >= 3 ? B7_TIMED / 3 : 1) )) \
+    effnet_run effnet-b7 b7 "$B7_BATCH" $(( B7_WARMUP + B7_TIMED )) 180 60
 fi
 torch_run torch-b0 b0 "$B0_BATCH" "$B0_WARMUP" "$B0_TIMED" 120 30
 torch_run torch-b7 b7 "$B7_BATCH" "$B7_WARMUP" "$B7_TIMED" 150 45

@@ -7,27 +7,48 @@
 //!   of the same files, each flushed (`sync_all`), and the directory flushed: both durable, as a
 //!   checkpoint that survives a machine crash must be. The raw write without flushes (into the
 //!   page cache) is printed too. Best of `ROUNDS` each, alternated.
-//! - **Stall**: what a save costs the training thread. The trainer assembles the files on the
-//!   training thread (tensors to safetensors bytes) and hands them to a background task; the
-//!   stall is that assembly, plus how much slower the steps that run while the save is in flight
-//!   are than steps without one. It is stated in steps of a B7 forward/backward at batch 1 and
-//!   224 px (a CPU step; a GPU step is shorter, see the doc).
+//! - **Stall**: what a save costs training, through the trainer's own `Checkpointer`: the files
+//!   are assembled on the training thread (each tensor copied once into its safetensors buffer)
+//!   and saved on the checkpointer's low-priority thread. Windows of `WINDOW` steps of B7
+//!   forward/backward at batch 1 and 224 px run alone or with one save (waited for at the end of
+//!   the window if still running), alternated; the stall is how much longer a window with a
+//!   save takes, stated in steps (a CPU step; a GPU step is shorter, see the doc).
 //!
 //! `cargo bench -p effnet-train --bench checkpoint_save` (scripts/bench-checkpoint.sh)
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use effnet_config::JobSpec;
 use effnet_model::EfficientNetConfig;
 use effnet_train::checkpoint::CheckpointStore;
 use effnet_train::checkpointer::Checkpointer;
 use effnet_train::evaluate::Precision;
+use effnet_train::metrics::MetricsLog;
 use effnet_train::network::{Averaged, Network};
 use effnet_train::optim::{Optimizer, OptimizerRule};
 use effnet_train::state::{ModelIdentity, Stateful};
 use tch::{Device, Kind, Tensor};
 
 const ROUNDS: usize = 3;
+/// Steps in a stall window, and windows with a save (as many again without).
+const WINDOW: usize = 30;
+const WINDOWS: usize = 3;
+
+/// User and system CPU seconds of this process so far (every thread).
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+fn list(values: &[f64], digits: usize) -> String {
+    values.iter().map(|v| format!("{v:.digits$}")).collect::<Vec<_>>().join(", ")
+}
 
 fn main() {
     let dir = std::env::var_os("EFFNET_BENCH_DIR")
@@ -72,7 +93,8 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let store = CheckpointStore::new(effnet_store::open(dir.join("store").to_str().unwrap()).unwrap());
     let raw_dir = dir.join("raw");
-    let (mut save_best, mut raw_best, mut cached_best) = (f64::MAX, f64::MAX, f64::MAX);
+    let (mut save_best, mut raw_best, mut cached_best, mut save_cpu) =
+        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
     for round in 0..ROUNDS {
         let _ = std::fs::remove_dir_all(&raw_dir);
         std::fs::create_dir_all(&raw_dir).unwrap();
@@ -93,8 +115,10 @@ fn main() {
         raw_best = raw_best.min(started.elapsed().as_secs_f64());
 
         let started = Instant::now();
+        let cpu = cpu_seconds();
         runtime.block_on(store.save(round as u64 + 1, None, files.clone())).unwrap();
         save_best = save_best.min(started.elapsed().as_secs_f64());
+        save_cpu = save_cpu.min(cpu_seconds() - cpu);
         runtime.block_on(store.purge(1, 0)).unwrap();
     }
     let (save_rate, raw_rate) = (bytes as f64 / save_best / 1e6, bytes as f64 / raw_best / 1e6);
@@ -104,39 +128,74 @@ fn main() {
         save_rate / raw_rate,
         bytes as f64 / cached_best / 1e6
     );
+    println!("a save alone uses {save_cpu:.2} s of this process's CPU time (hashing, writing, flushing)");
 
-    // Steps with and without a save in flight: B7 forward and backward, batch 1 at 224 px.
+    drop(files);
+
+    // The stall: windows of WINDOW steps (B7 forward and backward, batch 1 at 224 px), each
+    // alone or with one save through the trainer's own `Checkpointer` (assembled on this thread,
+    // saved on its low-priority thread, waited for at the window's end if still running),
+    // alternated. The stall is how much longer a window with a save takes.
     let images = Tensor::randn([1, 3, 224, 224], (Kind::Float, Device::Cpu));
     let labels = Tensor::from_slice(&[3i64]);
     let step = || {
-        let started = Instant::now();
         let logits = network.forward(&images, true).unwrap();
         logits.cross_entropy_for_logits(&labels).backward();
-        started.elapsed()
     };
     step();
-    let quiet: Vec<Duration> = (0..3).map(|_| step()).collect();
-    let quiet_s = quiet.iter().map(Duration::as_secs_f64).sum::<f64>() / quiet.len() as f64;
-    let assembled = Instant::now();
-    let files = Checkpointer::assemble(&parts).unwrap();
-    let handed_over = assembled.elapsed().as_secs_f64();
-    let save = runtime.spawn({
-        let store = store.clone();
-        async move { store.save(100, None, files).await }
-    });
-    let mut busy = Vec::new();
-    while !save.is_finished() || busy.is_empty() {
-        busy.push(step());
+    let job = dir.join("job");
+    let spec = JobSpec::from_yaml_str(
+        &format!(
+            "name: bench\njob_dir: {}\nmodel: {{variant: b7}}\ndata: {{train: memory://bench/train}}\n\
+             checkpoint: {{keep_last: 1}}\n",
+            job.display()
+        ),
+        "bench",
+    )
+    .unwrap();
+    std::fs::create_dir_all(&job).unwrap();
+    let mut checkpointer = Checkpointer::from_config(&spec, true).unwrap();
+    let mut metrics = MetricsLog::open(&job, 0, 0, false).unwrap();
+    let (mut alone, mut with_save, mut blocked, mut saving) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..WINDOWS * 2 {
+        let save = (round % 4 == 1) || (round % 4 == 2);
+        let started = Instant::now();
+        if save {
+            let files = Checkpointer::assemble(&parts).unwrap();
+            checkpointer.save(&runtime, round as u64 + 1, None, files, started, &mut metrics).unwrap();
+            blocked.push(started.elapsed().as_secs_f64());
+        }
+        for _ in 0..WINDOW {
+            step();
+            checkpointer.poll(&runtime, &mut metrics).unwrap();
+        }
+        checkpointer.finish(&runtime, &mut metrics).unwrap();
+        let took = started.elapsed().as_secs_f64();
+        if save {
+            with_save.push(took);
+            saving.push(checkpointer.saves.last().unwrap().seconds);
+        } else {
+            alone.push(took);
+        }
     }
-    runtime.block_on(save).unwrap().unwrap();
-    let busy_s = busy.iter().map(Duration::as_secs_f64).sum::<f64>() / busy.len() as f64;
-    let slowdown = (busy_s - quiet_s).max(0.0) * busy.len() as f64;
-    let stall = handed_over + slowdown;
+    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+    let step_s = mean(&alone) / WINDOW as f64;
+    let stalls: Vec<f64> = with_save.iter().zip(&alone).map(|(with, without)| with - without).collect();
+    let stall = mean(&stalls);
+    let spread = (stalls.iter().map(|s| (s - stall).powi(2)).sum::<f64>() / (stalls.len() - 1) as f64).sqrt()
+        / (stalls.len() as f64).sqrt();
     println!(
-        "B7 CPU step {quiet_s:.2} s (batch 1, 224 px); a save costs the training thread {handed_over:.2} s of assembly \
-         and slows the {} steps it overlaps by {slowdown:.2} s in all: stall {stall:.2} s = {:.2} steps",
-        busy.len(),
-        stall / quiet_s
+        "B7 CPU step {step_s:.2} s (batch 1, 224 px); windows of {WINDOW} steps alone {} s, with a save {} s \
+         (the save took {} s beside training, blocking it {} s): stall {stall:.2} s = {:.2} ± {:.2} steps \
+         (per window: {} steps)",
+        list(&alone, 1),
+        list(&with_save, 1),
+        list(&saving, 1),
+        list(&blocked, 2),
+        stall / step_s,
+        spread / step_s,
+        list(&stalls.iter().map(|s| s / step_s).collect::<Vec<_>>(), 2),
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView, serialize};
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -32,31 +32,108 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
     })
 }
 
-/// Copy the tensors (on any device) into one safetensors buffer, keeping each dtype.
+/// Copy the tensors (on any device, of any layout) into one safetensors buffer, keeping each
+/// dtype. A checkpoint is assembled on the training thread, and this is most of what a save
+/// costs it, so each tensor is copied once, by libtorch, straight from where it lives (a GPU
+/// included) into its place in the buffer, and the buffer is one a finished save gave back
+/// ([`recycle`]) where there is one: filling a gigabyte of fresh pages costs more than the copy
+/// itself. The bytes are those of safetensors' own `serialize` (its order: alignment, then
+/// name; the same header).
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        let tensor = tensor.detach().to_device(Device::Cpu).contiguous();
-        let (dtype, width) = dtype_of(tensor.kind())?;
-        let numel = tensor.numel();
-        let mut bytes = vec![0u8; numel * width];
-        // SAFETY: the tensor is contiguous on the CPU with numel elements of `width` bytes,
-        // and `bytes` has exactly that length.
-        unsafe {
-            std::ptr::copy_nonoverlapping(tensor.data_ptr() as *const u8, bytes.as_mut_ptr(), bytes.len());
-        }
-        let shape = tensor.size().iter().map(|&d| d as usize).collect();
-        raw.push((name.clone(), dtype, shape, bytes));
-    }
-    let views = raw
+    let mut entries = tensors
         .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| Error::Internal(format!("safetensors view of {name}: {e:?}")))
+        .map(|(name, tensor)| {
+            let (dtype, width) = dtype_of(tensor.kind())?;
+            let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
+            let len = shape.iter().product::<usize>() * width;
+            Ok((name, tensor, dtype, shape, len))
         })
         .collect::<Result<Vec<_>>>()?;
-    serialize(views, &None).map_err(|e| Error::Internal(format!("safetensors serialisation: {e:?}")))
+    entries.sort_by(|left, right| right.2.cmp(&left.2).then(left.0.cmp(right.0)));
+    let mut header = String::from("{");
+    let mut offset = 0;
+    for (index, (name, _, dtype, shape, len)) in entries.iter().enumerate() {
+        let info = TensorInfo { dtype: *dtype, shape: shape.clone(), data_offsets: (offset, offset + len) };
+        offset += len;
+        let unwritable = |e: serde_json::Error| Error::Internal(format!("safetensors header of {name}: {e}"));
+        if index > 0 {
+            header.push(',');
+        }
+        header.push_str(&serde_json::to_string(name).map_err(unwritable)?);
+        header.push(':');
+        header.push_str(&serde_json::to_string(&info).map_err(unwritable)?);
+    }
+    header.push('}');
+    header.extend(std::iter::repeat_n(' ', (8 - header.len() % 8) % 8));
+    let mut buffer = spare_buffer(8 + header.len() + offset);
+    buffer.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    buffer.extend_from_slice(header.as_bytes());
+    for (name, tensor, _, _, len) in entries {
+        if len == 0 {
+            continue;
+        }
+        let spare = buffer.spare_capacity_mut();
+        // SAFETY: the spare capacity holds at least `len` bytes (the buffer was sized for every
+        // tensor); the blob tensor over them lives only inside this block, and the bytes count
+        // as initialised only after libtorch's copy has filled all of them.
+        unsafe {
+            let mut target = Tensor::f_from_blob(
+                spare.as_mut_ptr() as *const u8,
+                &tensor.size(),
+                &[],
+                tensor.kind(),
+                Device::Cpu,
+            )?;
+            tch::no_grad(|| target.f_copy_(tensor))
+                .map_err(|e| Error::Internal(format!("copying {name} out: {e}")))?;
+            buffer.set_len(buffer.len() + len);
+        }
+    }
+    Ok(buffer)
+}
+
+/// Buffers of finished saves, for the next save's files: the largest [`SPARE_BUFFERS`], about
+/// one checkpoint's worth (model, optimiser, EMA).
+static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+const SPARE_BUFFERS: usize = 4;
+/// Smaller files are not worth keeping.
+const SPARE_MIN_BYTES: usize = 1 << 20;
+
+/// An empty buffer of at least `capacity` bytes: the smallest spare one that fits, or a new one.
+fn spare_buffer(capacity: usize) -> Vec<u8> {
+    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fitting = spare
+        .iter()
+        .enumerate()
+        .filter(|(_, buffer)| buffer.capacity() >= capacity)
+        .min_by_key(|(_, buffer)| buffer.capacity())
+        .map(|(index, _)| index);
+    match fitting {
+        Some(index) => {
+            let mut buffer = spare.swap_remove(index);
+            buffer.clear();
+            buffer
+        }
+        None => Vec::with_capacity(capacity),
+    }
+}
+
+/// Give a saved file's buffer back for the next save, once nothing else holds it (a store that
+/// keeps the bytes, as the in-memory one does, keeps the buffer too). Returns whether it was kept.
+pub fn recycle(file: bytes::Bytes) -> bool {
+    if file.len() < SPARE_MIN_BYTES {
+        return false;
+    }
+    let Ok(buffer) = file.try_into_mut() else {
+        return false;
+    };
+    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    spare.push(Vec::from(buffer));
+    if spare.len() > SPARE_BUFFERS {
+        let smallest = (0..spare.len()).min_by_key(|&index| spare[index].capacity()).expect("not empty");
+        spare.swap_remove(smallest);
+    }
+    true
 }
 
 /// Parse a safetensors buffer into CPU tensors by name.
@@ -167,6 +244,52 @@ mod tests {
         assert!(back["b"].equal(&b));
         assert_eq!(back["a"].size(), vec![3, 4]);
         assert!(from_safetensors(b"junk").is_err());
+    }
+
+    #[test]
+    fn files_are_what_safetensors_writes_from_copied_bytes() {
+        let _generator = crate::global_generator();
+        let tensors: Vec<(String, Tensor)> = vec![
+            ("w".into(), Tensor::randn([4, 3], (Kind::Float, Device::Cpu)).transpose(0, 1)),
+            ("half".into(), Tensor::randn([5], (Kind::BFloat16, Device::Cpu))),
+            ("count".into(), Tensor::from_slice(&[7i64])),
+            ("empty".into(), Tensor::zeros([0, 2], (Kind::Float, Device::Cpu))),
+        ];
+        let copied: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, tensor)| {
+                let tensor = tensor.contiguous();
+                let (dtype, width) = dtype_of(tensor.kind()).unwrap();
+                let mut bytes = vec![0u8; tensor.numel() * width];
+                tensor.copy_data_u8(&mut bytes, tensor.numel());
+                let shape = tensor.size().iter().map(|&d| d as usize).collect();
+                (name.clone(), dtype, shape, bytes)
+            })
+            .collect();
+        let views = copied.iter().map(|(name, dtype, shape, bytes)| {
+            (name.clone(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap())
+        });
+        let expected = safetensors::tensor::serialize(views, &None).unwrap();
+        assert_eq!(to_safetensors(&tensors).unwrap(), expected);
+        let back = from_safetensors(&expected).unwrap();
+        assert!(back["w"].equal(&tensors[0].1));
+        assert_eq!(back["empty"].size(), [0, 2]);
+    }
+
+    #[test]
+    fn buffers_are_given_back_only_when_unshared_and_reuse_leaks_nothing() {
+        let _generator = crate::global_generator();
+        let big = |value: f64| vec![("w".to_string(), Tensor::full([3 << 18], value, (Kind::Float, Device::Cpu)))];
+        let first = bytes::Bytes::from(to_safetensors(&big(1.0)).unwrap());
+        let held = first.clone();
+        assert!(!recycle(first), "a buffer something else still holds is not reused");
+        assert!(recycle(held));
+        assert!(!recycle(bytes::Bytes::from(vec![0u8; 16])), "small files are not kept");
+        // Whichever buffer it gets, the next file is exactly the new values.
+        let second = to_safetensors(&big(2.0)).unwrap();
+        let back = from_safetensors(&second).unwrap();
+        assert!(back["w"].equal(&big(2.0)[0].1));
+        assert_eq!(second.len(), 8 + u64::from_le_bytes(second[..8].try_into().unwrap()) as usize + (3 << 20));
     }
 
     #[test]

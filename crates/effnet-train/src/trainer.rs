@@ -379,11 +379,14 @@ impl<'a> Training<'a> {
             let metric =
                 if evaluate { self.evaluate(metrics, console, parallel.as_deref_mut(), last)? } else { None };
             if checkpoint {
+                // What the save costs this thread (gathering the cursor, copying the state out,
+                // waiting for the previous save) is logged with it as `blocked_s`.
+                let begun = Instant::now();
                 self.feed.gather(parallel.as_deref_mut())?;
                 // Only rank 0 writes; the others skip serialising.
                 let files =
                     if self.rank == 0 { Checkpointer::assemble(&self.stateful())? } else { Vec::new() };
-                self.checkpointer.save(self.runtime, step, metric, files, metrics)?;
+                self.checkpointer.save(self.runtime, step, metric, files, begun, metrics)?;
             }
         }
         Ok(())
