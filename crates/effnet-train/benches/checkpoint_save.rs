@@ -9,7 +9,7 @@
 //!   page cache) is printed too. Best of `ROUNDS` each, alternated.
 //! - **Stall**: what a save costs training, through the trainer's own `Checkpointer`: the files
 //!   are assembled on the training thread (each tensor copied once into its safetensors buffer)
-//!   and saved on the checkpointer's low-priority thread. Windows of `WINDOW` steps of B7
+//!   and saved in the background. Windows of `WINDOW` steps of B7
 //!   forward/backward at batch 1 and 224 px run alone or with one save (waited for at the end of
 //!   the window if still running), alternated; the stall is how much longer a window with a
 //!   save takes, stated in steps (a CPU step; a GPU step is shorter, see the doc).
@@ -134,7 +134,7 @@ fn main() {
 
     // The stall: windows of WINDOW steps (B7 forward and backward, batch 1 at 224 px), each
     // alone or with one save through the trainer's own `Checkpointer` (assembled on this thread,
-    // saved on its low-priority thread, waited for at the window's end if still running),
+    // saved in the background, waited for at the window's end if still running),
     // alternated. The stall is how much longer a window with a save takes.
     let images = Tensor::randn([1, 3, 224, 224], (Kind::Float, Device::Cpu));
     let labels = Tensor::from_slice(&[3i64]);

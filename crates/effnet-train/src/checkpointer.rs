@@ -37,8 +37,6 @@ struct PendingSave {
     step: u64,
     /// Seconds it blocked the training thread.
     blocked: f64,
-    /// The files' buffers, given back for the next save once it is done.
-    files: Vec<Bytes>,
     task: tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>,
 }
 
@@ -53,9 +51,6 @@ pub struct Checkpointer {
     keep_last: usize,
     keep_best: usize,
     pending: Option<PendingSave>,
-    /// Where saves run (rank 0, from its first save): one worker thread, and its blocking and
-    /// hashing threads, all at a lower priority than training (see [`Checkpointer::saver`]).
-    saver: Option<tokio::runtime::Runtime>,
     on_error: CheckpointOnError,
     /// Saves finished so far in this run.
     pub saves: Vec<SaveStats>,
@@ -80,7 +75,6 @@ impl Checkpointer {
             keep_last: spec.checkpoint.keep_last as usize,
             keep_best: spec.checkpoint.keep_best as usize,
             pending: None,
-            saver: None,
             on_error: spec.checkpoint.on_error,
             saves: Vec::new(),
             failed: Vec::new(),
@@ -217,33 +211,13 @@ impl Checkpointer {
             }
         };
         let (keep_last, keep_best) = (self.keep_last, self.keep_best);
-        let kept = files.iter().map(|(_, content)| content.clone()).collect();
-        let task = self.saver()?.spawn(async move {
+        let task = runtime.spawn(async move {
             let stats = store.save(step, metric, files).await?;
             let deleted = store.purge(keep_last, keep_best).await?;
             Ok((stats, deleted))
         });
-        self.pending = Some(PendingSave { step, blocked: begun.elapsed().as_secs_f64(), files: kept, task });
+        self.pending = Some(PendingSave { step, blocked: begun.elapsed().as_secs_f64(), task });
         Ok(())
-    }
-
-    /// The runtime saves run on, started on first use. Its threads, and the threads they start
-    /// (a save hashes and flushes each file on its own), run at nice [`SAVER_NICE`]: where
-    /// training keeps every core busy, as on a CPU node, a save yields to the steps and takes
-    /// longer instead of slowing them; on idle cores (a GPU node's) it runs at full speed.
-    /// Linux's nice value is per thread and inherited by the threads a thread starts.
-    fn saver(&mut self) -> Result<&tokio::runtime::Runtime> {
-        if self.saver.is_none() {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("effnet-checkpoint")
-                .on_thread_start(lower_priority)
-                .enable_all()
-                .build()
-                .map_err(|e| Error::Internal(format!("cannot start the checkpoint thread: {e}")))?;
-            self.saver = Some(runtime);
-        }
-        Ok(self.saver.as_ref().expect("started above"))
     }
 
     /// Log a save that finished in the background now, not when the next one starts: a run
@@ -276,14 +250,11 @@ impl Checkpointer {
         save: PendingSave,
         metrics: &mut MetricsLog,
     ) -> Result<()> {
-        let PendingSave { step, blocked, files, task } = save;
+        let PendingSave { step, blocked, task } = save;
         let saved = runtime
             .block_on(task)
             .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))
             .and_then(|saved| saved);
-        for file in files {
-            crate::tensors::recycle(file);
-        }
         let (stats, deleted) = match saved {
             Ok(saved) => saved,
             Err(error) => {
@@ -312,58 +283,5 @@ impl Checkpointer {
         )?;
         self.saves.push(stats);
         Ok(())
-    }
-}
-
-/// The nice value of the threads that save checkpoints (0 is the default, 19 the lowest). Not
-/// the lowest: a save must still finish while loader threads keep every core busy, or the next
-/// checkpoint would wait for it on the training thread.
-pub const SAVER_NICE: i32 = 10;
-
-/// Lower the calling thread's priority to [`SAVER_NICE`], unless it is lower already (a job
-/// started under `nice 19`). Best effort: a refusal leaves it as it was.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: getpriority and setpriority on the calling thread's own id read and change its
-    // scheduling only.
-    unsafe {
-        let thread = libc::gettid() as libc::id_t;
-        let current = libc::getpriority(libc::PRIO_PROCESS, thread);
-        if current < SAVER_NICE {
-            libc::setpriority(libc::PRIO_PROCESS, thread, SAVER_NICE);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nice() -> i32 {
-        // SAFETY: reads the calling thread's own priority.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-    }
-
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn saves_run_below_training_on_every_thread_they_use() {
-        let spec = JobSpec::from_yaml_str(
-            "name: t\nmodel: {variant: b0}\ndata: {train: memory://t/train}\ncheckpoint: {url: memory://t/c}\n",
-            "t",
-        )
-        .unwrap();
-        let mut checkpointer = Checkpointer::from_config(&spec, true).unwrap();
-        let training = nice();
-        let saver = checkpointer.saver().unwrap();
-        let (worker, blocking, started) = saver
-            .block_on(saver.spawn(async {
-                let blocking = tokio::task::spawn_blocking(nice).await.unwrap();
-                let started = std::thread::spawn(nice).join().unwrap();
-                (nice(), blocking, started)
-            }))
-            .unwrap();
-        let lowered = training.max(SAVER_NICE);
-        assert_eq!((worker, blocking, started), (lowered, lowered, lowered));
-        assert_eq!(nice(), training, "the training thread keeps its priority");
     }
 }

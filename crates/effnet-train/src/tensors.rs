@@ -35,10 +35,8 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
 /// Copy the tensors (on any device, of any layout) into one safetensors buffer, keeping each
 /// dtype. A checkpoint is assembled on the training thread, and this is most of what a save
 /// costs it, so each tensor is copied once, by libtorch, straight from where it lives (a GPU
-/// included) into its place in the buffer, and the buffer is one a finished save gave back
-/// ([`recycle`]) where there is one: filling a gigabyte of fresh pages costs more than the copy
-/// itself. The bytes are those of safetensors' own `serialize` (its order: alignment, then
-/// name; the same header).
+/// included) into its place in the buffer. The bytes are those of safetensors' own
+/// `serialize` (its order: alignment, then name; the same header).
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut entries = tensors
         .iter()
@@ -65,7 +63,7 @@ pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     }
     header.push('}');
     header.extend(std::iter::repeat_n(' ', (8 - header.len() % 8) % 8));
-    let mut buffer = spare_buffer(8 + header.len() + offset);
+    let mut buffer: Vec<u8> = Vec::with_capacity(8 + header.len() + offset);
     buffer.extend_from_slice(&(header.len() as u64).to_le_bytes());
     buffer.extend_from_slice(header.as_bytes());
     for (name, tensor, _, _, len) in entries {
@@ -90,50 +88,6 @@ pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         }
     }
     Ok(buffer)
-}
-
-/// Buffers of finished saves, for the next save's files: the largest [`SPARE_BUFFERS`], about
-/// one checkpoint's worth (model, optimiser, EMA).
-static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-const SPARE_BUFFERS: usize = 4;
-/// Smaller files are not worth keeping.
-const SPARE_MIN_BYTES: usize = 1 << 20;
-
-/// An empty buffer of at least `capacity` bytes: the smallest spare one that fits, or a new one.
-fn spare_buffer(capacity: usize) -> Vec<u8> {
-    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let fitting = spare
-        .iter()
-        .enumerate()
-        .filter(|(_, buffer)| buffer.capacity() >= capacity)
-        .min_by_key(|(_, buffer)| buffer.capacity())
-        .map(|(index, _)| index);
-    match fitting {
-        Some(index) => {
-            let mut buffer = spare.swap_remove(index);
-            buffer.clear();
-            buffer
-        }
-        None => Vec::with_capacity(capacity),
-    }
-}
-
-/// Give a saved file's buffer back for the next save, once nothing else holds it (a store that
-/// keeps the bytes, as the in-memory one does, keeps the buffer too). Returns whether it was kept.
-pub fn recycle(file: bytes::Bytes) -> bool {
-    if file.len() < SPARE_MIN_BYTES {
-        return false;
-    }
-    let Ok(buffer) = file.try_into_mut() else {
-        return false;
-    };
-    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    spare.push(Vec::from(buffer));
-    if spare.len() > SPARE_BUFFERS {
-        let smallest = (0..spare.len()).min_by_key(|&index| spare[index].capacity()).expect("not empty");
-        spare.swap_remove(smallest);
-    }
-    true
 }
 
 /// Parse a safetensors buffer into CPU tensors by name.
@@ -274,22 +228,6 @@ mod tests {
         let back = from_safetensors(&expected).unwrap();
         assert!(back["w"].equal(&tensors[0].1));
         assert_eq!(back["empty"].size(), [0, 2]);
-    }
-
-    #[test]
-    fn buffers_are_given_back_only_when_unshared_and_reuse_leaks_nothing() {
-        let _generator = crate::global_generator();
-        let big = |value: f64| vec![("w".to_string(), Tensor::full([3 << 18], value, (Kind::Float, Device::Cpu)))];
-        let first = bytes::Bytes::from(to_safetensors(&big(1.0)).unwrap());
-        let held = first.clone();
-        assert!(!recycle(first), "a buffer something else still holds is not reused");
-        assert!(recycle(held));
-        assert!(!recycle(bytes::Bytes::from(vec![0u8; 16])), "small files are not kept");
-        // Whichever buffer it gets, the next file is exactly the new values.
-        let second = to_safetensors(&big(2.0)).unwrap();
-        let back = from_safetensors(&second).unwrap();
-        assert!(back["w"].equal(&big(2.0)[0].1));
-        assert_eq!(second.len(), 8 + u64::from_le_bytes(second[..8].try_into().unwrap()) as usize + (3 << 20));
     }
 
     #[test]
