@@ -306,7 +306,8 @@ write_job() {
   [[ -n "${CHECKPOINT_EVERY:-}" ]] && checkpoint_line="  every_steps: $CHECKPOINT_EVERY"
   cat > "$WORK/runs/$name.yaml" <<YAML
 # Device check: throughput of the training step, not learning. EMA off and no report, as the
-# PyTorch baseline has neither; one checkpoint at the end (the trainer always saves the last step).
+# PyTorch baseline has neither; one checkpoint at the end (the trainer always saves the last step),
+# and in the B7 run one more in its timed steps (the stall a save costs).
 name: device-check-$name
 job_dir: $WORK/runs/$name
 seed: 0

@@ -9,10 +9,10 @@
 //!   page cache) is printed too. Best of `ROUNDS` each, alternated.
 //! - **Stall**: what a save costs training, through the trainer's own `Checkpointer`: the files
 //!   are assembled on the training thread (each tensor copied once into its safetensors buffer)
-//!   and saved in the background. Windows of `WINDOW` steps of B7
-//!   forward/backward at batch 1 and 224 px run alone or with one save (waited for at the end of
-//!   the window if still running), alternated; the stall is how much longer a window with a
-//!   save takes, stated in steps (a CPU step; a GPU step is shorter, see the doc).
+//!   and saved in the background. Windows of `WINDOW` steps of B7 forward/backward at batch 1
+//!   and 224 px run alone or with one save (waited for at the end of the window if still
+//!   running), alternated; the stall is how much longer a window with a save takes, stated in
+//!   steps (a CPU step; a GPU step is shorter, see the doc).
 //!
 //! `cargo bench -p effnet-train --bench checkpoint_save` (scripts/bench-checkpoint.sh)
 
