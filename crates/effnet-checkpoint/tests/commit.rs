@@ -128,3 +128,59 @@ async fn loading_an_uncommitted_directory_by_url_fails_clearly() {
     let message = error.to_string();
     assert!(message.contains("no COMMIT marker"), "{message}");
 }
+
+/// A checkpoint committed as format 1 wrote it: SHA-256 checksums.
+async fn write_with_sha256(store: &CheckpointStore, step: u64, format: u32) {
+    let mut listed = serde_json::Map::new();
+    for (name, content) in files(step) {
+        put(store, &format!("{}/{name}", directory_name(step)), content.clone()).await;
+        use sha2::Digest as _;
+        let sha256 = format!("{:x}", sha2::Sha256::digest(&content));
+        listed.insert(name, serde_json::json!({ "bytes": content.len(), "sha256": sha256 }));
+    }
+    let commit = serde_json::json!({ "format": format, "step": step, "metric": null, "files": listed });
+    put(store, &format!("{}/COMMIT", directory_name(step)), serde_json::to_vec(&commit).unwrap()).await;
+}
+
+/// Format 2 checksums with BLAKE3; a format-1 checkpoint (SHA-256, written by earlier versions)
+/// still resumes and is still verified; a format this version does not know is refused by name.
+#[tokio::test]
+async fn commit_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().display().to_string();
+    let store = CheckpointStore::new(effnet_store::open(&url).unwrap());
+    store.save(10, None, files(10)).await.unwrap();
+    let marker = std::fs::read(dir.path().join(directory_name(10)).join("COMMIT")).unwrap();
+    let commit: serde_json::Value = serde_json::from_slice(&marker).unwrap();
+    assert_eq!(commit["format"], 2);
+    for (name, content) in files(10) {
+        let digest = &commit["files"][&name];
+        assert_eq!(digest["bytes"], content.len() as u64);
+        assert_eq!(digest["blake3"].as_str().unwrap(), blake3::hash(&content).to_hex().as_str(), "{name}");
+        assert!(digest.get("sha256").is_none(), "{name}");
+    }
+
+    // A checkpoint as format 1 wrote it.
+    write_with_sha256(&store, 20, 1).await;
+    let (committed, loaded) = store.latest().await.unwrap().unwrap();
+    assert_eq!((committed.step, committed.commit.format), (20, 1));
+    assert_eq!(loaded["optimizer.safetensors"], Bytes::from(vec![21u8; 2000]));
+    // ... and is verified: damaged at its committed size, it is skipped for step 10.
+    put(&store, &format!("{}/optimizer.safetensors", directory_name(20)), vec![0u8; 2000]).await;
+    assert_eq!(latest_step(&store).await, Some(10));
+
+    // A newer format is not a checkpoint this version can vouch for.
+    write_with_sha256(&store, 30, 3).await;
+    assert_eq!(latest_step(&store).await, Some(10));
+    let message =
+        effnet_checkpoint::load_url(&format!("{url}/{}", directory_name(30))).await.unwrap_err().to_string();
+    assert!(message.contains("format 3") && message.contains("reads formats [1, 2]"), "{message}");
+
+    // A COMMIT that lists a file without any checksum does not vouch for it.
+    put(&store, &format!("{}/model.safetensors", directory_name(40)), vec![1u8; 10]).await;
+    let commit = serde_json::json!({
+        "format": 2, "step": 40, "metric": null, "files": { "model.safetensors": { "bytes": 10 } }
+    });
+    put(&store, &format!("{}/COMMIT", directory_name(40)), serde_json::to_vec(&commit).unwrap()).await;
+    assert_eq!(latest_step(&store).await, Some(10));
+}

@@ -144,9 +144,8 @@ fn assert_checkpoints_whole(job_dir: &Path) {
                 "{}/{name}",
                 directory.display()
             );
-            use sha2::Digest as _;
-            let sha = format!("{:x}", sha2::Sha256::digest(&bytes));
-            assert_eq!(sha, digest["sha256"].as_str().unwrap(), "{}/{name}", directory.display());
+            let hash = blake3::hash(&bytes).to_hex();
+            assert_eq!(hash.as_str(), digest["blake3"].as_str().unwrap(), "{}/{name}", directory.display());
         }
     }
 }
