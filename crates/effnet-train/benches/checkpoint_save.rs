@@ -2,7 +2,7 @@
 //! local directory, against a raw sequential write of the same bytes to the same disk
 //! (docs/benchmarks.md, docs/reliability.md).
 //!
-//! - **Throughput**: `CheckpointStore::save` (sha256 of every file, each file written through
+//! - **Throughput**: `CheckpointStore::save` (BLAKE3 of every file, each file written through
 //!   the object store and flushed to the disk, the commit marker last) against `std::fs::write`
 //!   of the same files, each flushed (`sync_all`), and the directory flushed: both durable, as a
 //!   checkpoint that survives a machine crash must be. The raw write without flushes (into the
@@ -12,7 +12,8 @@
 //!   and saved in the background. Windows of `WINDOW` steps of B7 forward/backward at batch 1
 //!   and 224 px run alone or with one save (waited for at the end of the window if still
 //!   running), alternated; the stall is how much longer a window with a save takes, stated in
-//!   steps (a CPU step; a GPU step is shorter, see the doc).
+//!   steps (a CPU step; a GPU step is shorter, see the doc). Training uses every core, or
+//!   `EFFNET_BENCH_THREADS`: one fewer leaves the save a core, as a GPU node's idle cores do.
 //!
 //! `cargo bench -p effnet-train --bench checkpoint_save` (scripts/bench-checkpoint.sh)
 
@@ -60,7 +61,11 @@ fn main() {
         "bench",
     )
     .unwrap();
-    tch::set_num_threads(2);
+    let threads = match std::env::var("EFFNET_BENCH_THREADS") {
+        Ok(threads) => threads.parse().expect("EFFNET_BENCH_THREADS is a number of threads"),
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+    };
+    tch::set_num_threads(threads);
     tch::manual_seed(0);
     let config = EfficientNetConfig::from_spec(&spec.model, 1000);
     let identity = ModelIdentity {
@@ -186,9 +191,10 @@ fn main() {
     let spread = (stalls.iter().map(|s| (s - stall).powi(2)).sum::<f64>() / (stalls.len() - 1) as f64).sqrt()
         / (stalls.len() as f64).sqrt();
     println!(
-        "B7 CPU step {step_s:.2} s (batch 1, 224 px); windows of {WINDOW} steps alone {} s, with a save {} s \
+        "B7 CPU step {step_s:.2} s (batch 1, 224 px, {threads} of {} cores); windows of {WINDOW} steps alone {} s, with a save {} s \
          (the save took {} s beside training, blocking it {} s): stall {stall:.2} s = {:.2} ± {:.2} steps \
          (per window: {} steps)",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
         list(&alone, 1),
         list(&with_save, 1),
         list(&saving, 1),

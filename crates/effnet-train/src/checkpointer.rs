@@ -37,6 +37,8 @@ struct PendingSave {
     step: u64,
     /// Seconds it blocked the training thread.
     blocked: f64,
+    /// The files' buffers, given back for the next save once it is done.
+    files: Vec<Bytes>,
     task: tokio::task::JoinHandle<Result<(SaveStats, Vec<u64>)>>,
 }
 
@@ -211,12 +213,13 @@ impl Checkpointer {
             }
         };
         let (keep_last, keep_best) = (self.keep_last, self.keep_best);
+        let kept = files.iter().map(|(_, content)| content.clone()).collect();
         let task = runtime.spawn(async move {
             let stats = store.save(step, metric, files).await?;
             let deleted = store.purge(keep_last, keep_best).await?;
             Ok((stats, deleted))
         });
-        self.pending = Some(PendingSave { step, blocked: begun.elapsed().as_secs_f64(), task });
+        self.pending = Some(PendingSave { step, blocked: begun.elapsed().as_secs_f64(), files: kept, task });
         Ok(())
     }
 
@@ -250,11 +253,12 @@ impl Checkpointer {
         save: PendingSave,
         metrics: &mut MetricsLog,
     ) -> Result<()> {
-        let PendingSave { step, blocked, task } = save;
+        let PendingSave { step, blocked, files, task } = save;
         let saved = runtime
             .block_on(task)
             .map_err(|e| Error::Internal(format!("checkpoint task failed: {e}")))
             .and_then(|saved| saved);
+        crate::tensors::recycle(files);
         let (stats, deleted) = match saved {
             Ok(saved) => saved,
             Err(error) => {

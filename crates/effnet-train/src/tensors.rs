@@ -35,8 +35,10 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
 /// Copy the tensors (on any device, of any layout) into one safetensors buffer, keeping each
 /// dtype. A checkpoint is assembled on the training thread, and this is most of what a save
 /// costs it, so each tensor is copied once, by libtorch, straight from where it lives (a GPU
-/// included) into its place in the buffer. The bytes are those of safetensors' own
-/// `serialize` (its order: alignment, then name; the same header).
+/// included) into its place in the buffer, and the buffer is one a finished save gave back
+/// ([`recycle`]) where there is one: filling a gigabyte of fresh pages costs more than the copy
+/// itself. The bytes are those of safetensors' own `serialize` (its order: alignment, then
+/// name; the same header).
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut entries = tensors
         .iter()
@@ -63,7 +65,7 @@ pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     }
     header.push('}');
     header.extend(std::iter::repeat_n(' ', (8 - header.len() % 8) % 8));
-    let mut buffer: Vec<u8> = Vec::with_capacity(8 + header.len() + offset);
+    let mut buffer = spare_buffer(8 + header.len() + offset);
     buffer.extend_from_slice(&(header.len() as u64).to_le_bytes());
     buffer.extend_from_slice(header.as_bytes());
     for (name, tensor, _, _, len) in entries {
@@ -88,6 +90,54 @@ pub fn to_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         }
     }
     Ok(buffer)
+}
+
+/// The buffers of the last finished save, for the next save's files: between saves a worker holds
+/// at most one checkpoint's bytes, which the next save would allocate anyway.
+static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Smaller files are not worth keeping.
+const SPARE_MIN_BYTES: usize = 1 << 20;
+
+/// An empty buffer of at least `capacity` bytes: the smallest spare one that fits, or a new one.
+fn spare_buffer(capacity: usize) -> Vec<u8> {
+    if capacity < SPARE_MIN_BYTES {
+        return Vec::with_capacity(capacity);
+    }
+    let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fitting = spare
+        .iter()
+        .enumerate()
+        .filter(|(_, buffer)| buffer.capacity() >= capacity)
+        .min_by_key(|(_, buffer)| buffer.capacity())
+        .map(|(index, _)| index);
+    match fitting {
+        Some(index) => {
+            let mut buffer = spare.swap_remove(index);
+            buffer.clear();
+            buffer
+        }
+        None => Vec::with_capacity(capacity),
+    }
+}
+
+/// Give a finished save's files back for the next save, replacing whatever spare buffers that
+/// save left unused. A file something else still holds (the in-memory store keeps the bytes it
+/// is given) is not kept, nor is one under a mebibyte. Returns how many were kept.
+pub fn recycle(files: Vec<bytes::Bytes>) -> usize {
+    let kept: Vec<Vec<u8>> = files
+        .into_iter()
+        .filter(|file| file.len() >= SPARE_MIN_BYTES)
+        .filter_map(|file| file.try_into_mut().ok())
+        .map(Vec::from)
+        .collect();
+    let count = kept.len();
+    *SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = kept;
+    count
+}
+
+/// The bytes the spare buffers hold.
+pub fn spare_bytes() -> usize {
+    SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(Vec::capacity).sum()
 }
 
 /// Parse a safetensors buffer into CPU tensors by name.
@@ -228,6 +278,36 @@ mod tests {
         let back = from_safetensors(&expected).unwrap();
         assert!(back["w"].equal(&tensors[0].1));
         assert_eq!(back["empty"].size(), [0, 2]);
+    }
+
+    #[test]
+    fn buffers_are_given_back_only_when_unshared_and_at_most_one_save_is_kept() {
+        let _generator = crate::global_generator();
+        let big =
+            |value: f64| vec![("w".to_string(), Tensor::full([3 << 18], value, (Kind::Float, Device::Cpu)))];
+        let first = bytes::Bytes::from(to_safetensors(&big(1.0)).unwrap());
+        let size = first.len();
+        let held = first.clone();
+        let small = bytes::Bytes::from(vec![0u8; 16]);
+        assert_eq!(recycle(vec![first, small.clone()]), 0, "a buffer still held elsewhere, a small file");
+        assert_eq!(recycle(vec![held, small]), 1);
+        assert_eq!(spare_bytes(), size);
+        // The next file takes the spare buffer (same address), and holds exactly the new values.
+        let address = SPARE.lock().unwrap()[0].as_ptr();
+        let second = to_safetensors(&big(2.0)).unwrap();
+        assert_eq!(second.as_ptr(), address);
+        assert_eq!(spare_bytes(), 0);
+        let back = from_safetensors(&second).unwrap();
+        assert!(back["w"].equal(&big(2.0)[0].1));
+        assert_eq!(
+            second.len(),
+            8 + u64::from_le_bytes(second[..8].try_into().unwrap()) as usize + (3 << 20)
+        );
+        // A save replaces the spares rather than adding to them.
+        let files = (0..3).map(|i| bytes::Bytes::from(to_safetensors(&big(i as f64)).unwrap())).collect();
+        assert_eq!(recycle(files), 3);
+        assert_eq!(recycle(vec![bytes::Bytes::from(second)]), 1);
+        assert_eq!(spare_bytes(), size);
     }
 
     #[test]
