@@ -31,9 +31,11 @@ use effnet_train::state::{ModelIdentity, Stateful};
 use tch::{Device, Kind, Tensor};
 
 const ROUNDS: usize = 3;
-/// Steps in a stall window, and windows with a save (as many again without).
-const WINDOW: usize = 30;
-const WINDOWS: usize = 3;
+/// Steps in a stall window (a save beside training takes 2–3 CPU steps), and windows with a save
+/// (as many again without). Short windows, many of them: this machine's speed drifts by ±15%
+/// over minutes, and 30-step windows left ±1.4 steps of error with three pairs.
+const WINDOW: usize = 10;
+const WINDOWS: usize = 8;
 
 /// User and system CPU seconds of this process so far (every thread).
 fn cpu_seconds() -> f64 {
