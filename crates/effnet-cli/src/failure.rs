@@ -85,10 +85,16 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 pub fn report_clap_error(error: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match error.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = error.print();
-            ExitCode::SUCCESS
-        }
+        // Help and version go to stdout, and a failed write there fails as any command's output
+        // does: quietly with 0 when the reader has gone, with one error line and 1 otherwise.
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => match error.print() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: writing to stdout: {error}");
+                ExitCode::from(1)
+            }
+        },
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
             let _ = error.print();
             ExitCode::from(2)

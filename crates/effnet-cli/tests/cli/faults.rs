@@ -497,13 +497,17 @@ fn the_s3_server_restarted_mid_run() {
         "{detail}"
     );
     assert!(detail["last_checkpoint"]["step"].as_u64().unwrap() > 60, "{detail}");
-    // The outage was felt: some step waited out most of it.
+    // The outage was felt: reads failed and were retried, and a step waited for the server. How
+    // long depends on what the loader had read ahead when it went down (2.4–3 s of the 3 s).
+    let retried =
+        stderr.lines().filter(|l| l.starts_with("store: reading") && l.contains("; retry ")).count();
+    assert!(retried > 0, "no read was retried: {stderr}");
     let times: Vec<f64> =
         records(&dir.path().join("job"), "step").iter().map(|r| r["time"].as_f64().unwrap()).collect();
     let longest = times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
-    assert!(longest > 2.5, "no step waited for the server: longest gap {longest:.2} s");
+    assert!(longest > 1.5, "no step waited for the server: longest gap {longest:.2} s");
     eprintln!(
-        "S3 server down 3 s mid-run: the longest step gap was {longest:.1} s; no restart, exactly once"
+        "S3 server down 3 s mid-run: {retried} reads retried, the longest step gap was {longest:.1} s; no restart, exactly once"
     );
     let trained: Vec<String> =
         crate::common::sample_lines(&dir.path().join("job")).into_iter().flat_map(|l| l.3).collect();

@@ -134,6 +134,27 @@ fn a_full_stdout_is_one_error_line_and_status_1() {
     assert_eq!(outcome.stderr, "error: writing to stdout: No space left on device (os error 28)\n");
 }
 
+/// `--help` and `--version` on a full stdout fail the same way (clap printed them and exited 0).
+#[test]
+fn help_and_version_on_a_full_stdout_are_one_error_line_and_status_1() {
+    for flag in ["--help", "--version"] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let output =
+            Command::new(env!("CARGO_BIN_EXE_effnet")).arg(flag).stdout(Stdio::from(full)).output().unwrap();
+        let outcome = Outcome::from(output);
+        assert_eq!(outcome.code, 1, "{flag}: {}", outcome.stderr);
+        assert_eq!(
+            outcome.stderr, "error: writing to stdout: No space left on device (os error 28)\n",
+            "{flag}"
+        );
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_effnet")).arg(flag).stdout(writer).output().unwrap();
+        let outcome = Outcome::from(output);
+        assert_eq!((outcome.code, outcome.stderr.as_str()), (0, ""), "{flag} into a closed pipe");
+    }
+}
+
 /// A reader that went away (broken pipe: the pipe's read end is closed before the command
 /// starts, so its first write fails) stays quiet with status 0.
 #[test]
