@@ -217,6 +217,7 @@ impl Checkpointer {
         let task = runtime.spawn(async move {
             let stats = store.save(step, metric, files).await?;
             let deleted = store.purge(keep_last, keep_best).await?;
+            return_freed_memory();
             Ok((stats, deleted))
         });
         self.pending = Some(PendingSave { step, blocked: begun.elapsed().as_secs_f64(), files: kept, task });
@@ -287,5 +288,19 @@ impl Checkpointer {
         )?;
         self.saves.push(stats);
         Ok(())
+    }
+}
+
+/// Give the pages of freed allocations back to the system, from every malloc arena. A save's
+/// threads (hashing and flushing each file, the store's I/O) allocate in their own arenas, and
+/// glibc keeps what they free; with a thread or two new per save the checkpointing rank's
+/// resident memory crept up by ~45 MiB over 1,400 steps of the soak, and stayed flat with one
+/// arena (`MALLOC_ARENA_MAX=1`) or this after each save. It takes 1–2 ms after a small model's
+/// save and 10–40 ms after a B7 state's, on the save's thread, not the training thread.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory the allocator holds; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
