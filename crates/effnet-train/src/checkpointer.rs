@@ -295,9 +295,9 @@ impl Checkpointer {
 /// threads (hashing and flushing each file, the store's I/O) allocate in their own arenas, and
 /// glibc keeps what they free; with new threads every save (one hashing and one flushing each
 /// file) the checkpointing rank's resident memory crept up by ~45 MiB over 1,400 steps of the
-/// soak's job, and stayed flat with one arena (`MALLOC_ARENA_MAX=1`) or this after each save. It takes
-/// 1–2 ms after a small model's save and 10–40 ms after a B7 state's, on the save's thread, not
-/// the training thread.
+/// soak's job, and stayed flat with one arena (`MALLOC_ARENA_MAX=1`) or this after each save.
+/// It takes 1–2 ms after a small model's save and 10–40 ms after a B7 state's, on the save's
+/// thread, not the training thread.
 fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory the allocator holds; it is thread-safe.
