@@ -64,9 +64,10 @@ fn main() {
         "bench",
     )
     .unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match std::env::var("EFFNET_BENCH_THREADS") {
         Ok(threads) => threads.parse().expect("EFFNET_BENCH_THREADS is a number of threads"),
-        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get() as i32),
+        Err(_) => cores as i32,
     };
     tch::set_num_threads(threads);
     tch::manual_seed(0);
@@ -214,10 +215,9 @@ fn main() {
     let spread = (stalls.iter().map(|s| (s - stall).powi(2)).sum::<f64>() / (stalls.len() - 1) as f64).sqrt()
         / (stalls.len() as f64).sqrt();
     println!(
-        "B7 CPU step {step_s:.2} s (batch 1, 224 px, {threads} of {} cores); windows of {WINDOW} steps alone {} s, with a save {} s \
+        "B7 CPU step {step_s:.2} s (batch 1, 224 px, {threads} of {cores} cores); windows of {WINDOW} steps alone {} s, with a save {} s \
          (the save took {} s beside training, blocking it {} s): stall {stall:.2} s = {:.2} ± {:.2} steps \
          (per window: {} steps)",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
         list(&alone, 1),
         list(&with_save, 1),
         list(&saving, 1),

@@ -136,7 +136,8 @@ pub fn recycle(files: Vec<bytes::Bytes>) -> usize {
 }
 
 /// The bytes the spare buffers hold.
-pub fn spare_bytes() -> usize {
+#[cfg(test)]
+fn spare_bytes() -> usize {
     SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(Vec::capacity).sum()
 }
 
