@@ -15,6 +15,9 @@
 //!   running), alternated; the stall is how much longer a window with a save takes, stated in
 //!   steps (a CPU step; a GPU step is shorter, see the doc). Training uses every core, or
 //!   `EFFNET_BENCH_THREADS`: one fewer leaves the save a core, as a GPU node's idle cores do.
+//!   For the stall study (docs/benchmarks.md): `EFFNET_BENCH_SAVE_PRIORITY` (`idle` or a nice
+//!   value) runs the save's threads at a lower priority, `EFFNET_BENCH_YIELD_CORE=1` trains on
+//!   one thread fewer while a save runs.
 //!
 //! `cargo bench -p effnet-train --bench checkpoint_save` (scripts/bench-checkpoint.sh)
 
@@ -48,6 +51,23 @@ fn cpu_seconds() -> f64 {
     };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Set the calling thread's scheduling: `idle` for SCHED_IDLE, else a nice value.
+fn lower_priority(priority: Option<&str>) {
+    let rc = match priority {
+        None => return,
+        // SAFETY: sets the calling thread's policy from a valid parameter.
+        Some("idle") => unsafe {
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &libc::sched_param { sched_priority: 0 })
+        },
+        Some(nice) => {
+            let nice = nice.parse().expect("EFFNET_BENCH_SAVE_PRIORITY is idle or a nice value");
+            // SAFETY: sets the calling thread's nice value (PRIO_PROCESS of thread id 0: this thread).
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }
+        }
+    };
+    assert_eq!(rc, 0, "setting the save threads' priority: {}", std::io::Error::last_os_error());
 }
 
 fn list(values: &[f64], digits: usize) -> String {
@@ -119,7 +139,16 @@ fn main() {
         largest.len() as f64 / 1e6
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The save's threads (the runtime's, and the hashing and flushing threads they start, which
+    // inherit it) at a lower priority, for the stall study: EFFNET_BENCH_SAVE_PRIORITY=idle
+    // (SCHED_IDLE) or a nice value (1..19).
+    let priority = std::env::var("EFFNET_BENCH_SAVE_PRIORITY").ok();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || lower_priority(priority.as_deref()))
+        .build()
+        .unwrap();
     let store = CheckpointStore::new(effnet_store::open(dir.join("store").to_str().unwrap()).unwrap());
     let raw_dir = dir.join("raw");
     let (mut save_best, mut raw_best, mut cached_best, mut save_cpu) =
@@ -185,6 +214,10 @@ fn main() {
     std::fs::create_dir_all(&job).unwrap();
     let mut checkpointer = Checkpointer::from_config(&spec, true).unwrap();
     let mut metrics = MetricsLog::open(&job, 0, 0, false).unwrap();
+    // For the stall study: train on one thread fewer while a save runs (EFFNET_BENCH_YIELD_CORE=1).
+    // Not the trainer's behaviour: libtorch's CPU results depend on the thread count, so steps
+    // whose thread count depends on timing would end bitwise reproducibility.
+    let yield_core = std::env::var_os("EFFNET_BENCH_YIELD_CORE").is_some();
     let (mut alone, mut with_save, mut blocked, mut saving) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..WINDOWS * 2 {
@@ -196,6 +229,9 @@ fn main() {
             blocked.push(started.elapsed().as_secs_f64());
         }
         for _ in 0..WINDOW {
+            if yield_core {
+                tch::set_num_threads(if checkpointer.saving() { (threads - 1).max(1) } else { threads });
+            }
             step();
             checkpointer.poll(&runtime, &mut metrics).unwrap();
         }

@@ -235,6 +235,11 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Whether a save is running in the background.
+    pub fn saving(&self) -> bool {
+        self.pending.as_ref().is_some_and(|save| !save.task.is_finished())
+    }
+
     /// Wait for the save in flight.
     pub fn finish(&mut self, runtime: &tokio::runtime::Runtime, metrics: &mut MetricsLog) -> Result<()> {
         if let Some(previous) = self.pending.take() {
