@@ -147,8 +147,20 @@ pub fn from_safetensors(bytes: &[u8]) -> std::result::Result<HashMap<String, Ten
     let mut out = HashMap::new();
     for (name, view) in parsed.tensors() {
         let kind = kind_of(view.dtype()).map_err(|e| e.to_string())?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.insert(name, Tensor::from_data_size(view.data(), &shape, kind));
+        // The safetensors crate checks that the shape's product fits the data, so a dimension
+        // too large for libtorch can only come with another of 0: refused, as is anything
+        // libtorch refuses, rather than panicking.
+        let shape = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| {
+                format!("tensor {name} has shape {:?}, beyond what a tensor can have", view.shape())
+            })?;
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| format!("tensor {name} with shape {shape:?}: {e}"))?;
+        out.insert(name, tensor);
     }
     Ok(out)
 }
