@@ -44,6 +44,15 @@ pub fn directory_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// The URL of the checkpoint of `step` in the store at `base`: the step's directory appended to
+/// the path, before any query string or fragment of a URL (`s3://b/run?x=1` gives
+/// `s3://b/run/step-00000012?x=1`). A bare local path is a path, `?` and `#` included.
+pub fn step_url(base: &str, step: u64) -> String {
+    let split = if base.contains("://") { base.find(['?', '#']).unwrap_or(base.len()) } else { base.len() };
+    let (path, suffix) = base.split_at(split);
+    format!("{}/{}{suffix}", path.trim_end_matches('/'), directory_name(step))
+}
+
 fn parse_directory_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("step-")?;
     (digits.len() >= 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
@@ -122,7 +131,7 @@ impl CheckpointStore {
     }
 
     pub fn url_of(&self, step: u64) -> String {
-        format!("{}/{}", self.location.url.trim_end_matches('/'), directory_name(step))
+        step_url(&self.location.url, step)
     }
 
     /// Write every file, then the marker. `files` must not contain `COMMIT`.
@@ -479,5 +488,26 @@ mod tests {
         assert_eq!(parse_directory_name("step-12"), None);
         assert_eq!(parse_directory_name("step-0000001x"), None);
         assert_eq!(parse_directory_name("other"), None);
+    }
+
+    #[test]
+    fn step_urls_keep_a_query_string_after_the_path() {
+        assert_eq!(step_url("s3://b/run", 12), "s3://b/run/step-00000012");
+        assert_eq!(step_url("s3://b/run/", 12), "s3://b/run/step-00000012");
+        assert_eq!(step_url("s3://b/run/?x=1&y=2", 12), "s3://b/run/step-00000012?x=1&y=2");
+        assert_eq!(step_url("gs://b/run#f", 3), "gs://b/run/step-00000003#f");
+        assert_eq!(step_url("runs/a?b#c", 3), "runs/a?b#c/step-00000003");
+    }
+
+    /// The step URL a save reports is the one a resume loads, a query string or not.
+    #[tokio::test]
+    async fn a_checkpoint_saved_under_a_url_with_a_query_loads_from_its_step_url() {
+        for base in ["memory://step-url/run", "memory://step-url/query?x=1"] {
+            let store = CheckpointStore::new(effnet_store::open(base).unwrap());
+            store.save(7, None, vec![("a".into(), Bytes::from_static(b"abc"))]).await.unwrap();
+            let (commit, files) = load_url(&store.url_of(7)).await.unwrap();
+            assert_eq!(commit.step, 7, "{base}");
+            assert_eq!(files["a"], Bytes::from_static(b"abc"), "{base}");
+        }
     }
 }

@@ -250,7 +250,7 @@ impl Checkpointer {
 
     /// The URL of the checkpoint of `step`.
     pub fn url_of(&self, step: u64) -> String {
-        format!("{}/{}", self.url.trim_end_matches('/'), checkpoint::directory_name(step))
+        checkpoint::step_url(&self.url, step)
     }
 
     fn finish_one(
