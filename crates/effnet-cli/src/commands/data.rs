@@ -65,7 +65,21 @@ pub enum DataCommand {
         url: String,
         #[arg(long)]
         json: bool,
+        /// Decoded-pixel budget (width × height) per image, as training's
+        /// `data.max_image_pixels`: a larger image is reported as corrupt (default: Pillow's
+        /// MAX_IMAGE_PIXELS, 89478485).
+        #[arg(long, allow_negative_numbers = true)]
+        max_image_pixels: Option<i64>,
     },
+}
+
+/// `--max-image-pixels`: at least 1; Pillow's MAX_IMAGE_PIXELS when not given.
+fn pixel_budget(flag: Option<i64>) -> anyhow::Result<u64> {
+    match flag {
+        Some(value) if value < 1 => Err(bad_input!("--max-image-pixels must be at least 1, got {value}")),
+        Some(value) => Ok(value as u64),
+        None => Ok(effnet_vision::DEFAULT_MAX_PIXELS),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -147,13 +161,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             if !source.is_dir() {
                 return Err(bad_input!("{}: not a folder", source.display()));
             }
-            let max_pixels = match args.max_image_pixels {
-                Some(value) if value < 1 => {
-                    return Err(bad_input!("--max-image-pixels must be at least 1, got {value}"));
-                }
-                Some(value) => value as u64,
-                None => effnet_vision::DEFAULT_MAX_PIXELS,
-            };
+            let max_pixels = pixel_budget(args.max_image_pixels)?;
             let bar = progress_bar("images");
             let manifest =
                 runtime.block_on(prepare_image_folder(&source, &args.out, options, max_pixels, |d, t| {
@@ -228,7 +236,8 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DataCommand::Verify { url, json } => {
+        DataCommand::Verify { url, json, max_image_pixels } => {
+            let max_pixels = pixel_budget(max_image_pixels)?;
             let report = runtime.block_on(async {
                 let dataset = Dataset::open(&url).await?;
                 let plan = EpochPlan::new(0, 0, dataset.row_groups(), 1)?;
@@ -238,7 +247,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
                 let mut decoded = 0;
                 let mut corrupt = Vec::new();
                 while let Some(sample) = reader.next().await? {
-                    match effnet_vision::decode(&sample.image) {
+                    match effnet_vision::decode_within(&sample.image, max_pixels) {
                         Ok(_) => decoded += 1,
                         Err(e) => corrupt.push(CorruptSample { key: sample.key, reason: e.to_string() }),
                     }

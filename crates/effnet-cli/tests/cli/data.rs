@@ -156,4 +156,18 @@ fn image_folder_skips_undecodable_files_and_verify_finds_corrupt_samples() {
     let report: Value = serde_json::from_str(&verify.stdout).unwrap();
     assert_eq!(report["decoded"], 3);
     assert_eq!(report["corrupt"][0]["key"], "s2");
+
+    // The decoded-pixel budget, as training applies it: the 4×4 images fit 16 pixels, not 15.
+    let within = effnet(&["data", "verify", &corrupt_url, "--json", "--max-image-pixels", "16"]);
+    assert_eq!(serde_json::from_str::<Value>(&within.stdout).unwrap()["decoded"], 3, "{}", within.stderr);
+    let over = effnet(&["data", "verify", &corrupt_url, "--max-image-pixels", "15"]);
+    assert_eq!(over.code, 1, "{}", over.stderr);
+    assert!(over.stdout.contains("4 samples, 0 decoded, 4 corrupt"), "{}", over.stdout);
+    assert!(
+        over.stdout.contains("corrupt s0: image claims 4x4 = 16 pixels, over the decoded-pixel budget of 15"),
+        "{}",
+        over.stdout
+    );
+    let zero = effnet(&["data", "verify", &corrupt_url, "--max-image-pixels", "0"]);
+    assert_bad_input(&zero, &["--max-image-pixels must be at least 1, got 0"]);
 }
