@@ -131,14 +131,46 @@ fn install_panic_hook() {
             .copied()
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("a panic without a message");
+        let backtrace = || {
+            let backtrace = std::backtrace::Backtrace::capture();
+            if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+                eprintln!("{backtrace}");
+            }
+        };
+        // Running out of memory is not a bug to report but a job too large for the machine:
+        // libtorch's allocator error, without its C++ stack, and what to change. Status 2, as
+        // for any input the user must change: a restart would only run out again.
+        if let Some(allocator) = out_of_memory(message) {
+            print_error_line(&format!("out of memory: {allocator}; {OUT_OF_MEMORY_ADVICE}"));
+            backtrace();
+            std::process::exit(2);
+        }
         let place = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
         print_error_line(&format!("internal error: {message}{place}; please report it at {REPORT_URL}"));
-        let backtrace = std::backtrace::Backtrace::capture();
-        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-            eprintln!("{backtrace}");
-        }
+        backtrace();
         std::process::exit(1);
     }));
+}
+
+const OUT_OF_MEMORY_ADVICE: &str = "the model, batch or resolution needs more memory than this machine \
+    has: lower data.batch_size (optimizer.accumulate_steps keeps the global batch), set \
+    model.activation_checkpointing: true, or choose a smaller model or resolution";
+
+/// libtorch's out-of-memory error inside a panic's message (tch panics with libtorch's error on
+/// a failed allocation): the allocator's sentence, up to the C++ stack that follows it. On a CPU
+/// `DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes. Error code 12
+/// (Cannot allocate memory)`; on a GPU `CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has
+/// a total capacity of ...`.
+fn out_of_memory(message: &str) -> Option<&str> {
+    let start = ["DefaultCPUAllocator:", "CUDA out of memory", "CUDA error: out of memory"]
+        .iter()
+        .filter_map(|marker| message.find(marker))
+        .min()?;
+    let rest = &message[start..];
+    // The C++ stack follows on the next line: a newline, or `\n` where tch's error was
+    // debug-formatted into the panic message.
+    let end = ["\n", "\\n", "\")"].iter().filter_map(|marker| rest.find(marker)).min().unwrap_or(rest.len());
+    Some(rest[..end].trim_end())
 }
 
 /// A panic on purpose, for the tests of the panic hook: `EFFNET_TEST_PANIC=main` panics on the
@@ -200,5 +232,32 @@ fn main() -> ExitCode {
             print_error_line(&format!("{error:#}"));
             ExitCode::from(exit_code(&error))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::out_of_memory;
+
+    #[test]
+    fn out_of_memory_is_the_allocators_sentence_without_the_stack() {
+        // As tch's unwrap formats libtorch's CUDA error into a panic (PyTorch 2.x's wording).
+        let cuda = r#"called `Result::unwrap()` on an `Err` value: Torch("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which 1.06 GiB is free. Of the allocated memory 135.12 GiB is allocated by PyTorch.\nException raised from malloc at /pytorch/c10/cuda/CUDACachingAllocator.cpp:1131 (most recent call first):\nframe #0: c10::Error::Error(...)")"#;
+        assert_eq!(
+            out_of_memory(cuda),
+            Some(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.80 GiB \
+                 of which 1.06 GiB is free. Of the allocated memory 135.12 GiB is allocated by PyTorch."
+            )
+        );
+        // Our own error's Display (activation checkpointing's panic): real newlines.
+        let cpu = "activation checkpointing: libtorch: [enforce fail at alloc_cpu.cpp:127] err == 0. \
+                   DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 bytes.\nframe #0: x";
+        assert_eq!(
+            out_of_memory(cpu),
+            Some("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 bytes.")
+        );
+        assert_eq!(out_of_memory(r#"Torch("CUDA error: out of memory")"#), Some("CUDA error: out of memory"));
+        assert_eq!(out_of_memory("index out of bounds: the len is 3"), None);
     }
 }

@@ -205,6 +205,31 @@ fn a_panic_on_any_thread_is_one_line_and_status_1() {
     assert!(outcome.stderr.contains("panic_if_asked"), "a backtrace follows: {}", outcome.stderr);
 }
 
+/// libtorch running out of memory (tch panics with its error) is one line saying so and what to
+/// change, status 2, not an internal error with libtorch's C++ stack: a model whose classifier
+/// alone would take 20 TiB.
+#[test]
+fn running_out_of_memory_is_one_line_and_status_2() {
+    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
+        .args(["model", "summary", "--classes", "4294967295"])
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    let outcome = Outcome::from(output);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert_eq!(outcome.stderr.lines().count(), 1, "{}", outcome.stderr);
+    let line = outcome.stderr.trim_end();
+    assert!(
+        line.starts_with(
+            "error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate 21990232550400 bytes."
+        ),
+        "{line}"
+    );
+    assert!(line.ends_with("lower data.batch_size (optimizer.accumulate_steps keeps the global batch), set model.activation_checkpointing: true, or choose a smaller model or resolution"), "{line}");
+    assert!(!line.contains("frame #") && !line.contains("internal error"), "{line}");
+}
+
 /// A panic the data reader catches (parquet-rs panics on some corrupt pages; the reader reports
 /// the file as corrupt) does not end the process: the hook leaves it alone and the command runs.
 #[test]
