@@ -63,6 +63,12 @@ impl JobSpec {
         self.distributed.min_workers.unwrap_or(self.distributed.workers)
     }
 
+    /// Images per evaluation step on each worker: `eval.batch_size`, else twice
+    /// `data.batch_size` (evaluation keeps no activations for backward).
+    pub fn eval_batch_size(&self) -> u64 {
+        self.eval.batch_size.map_or(2 * u64::from(self.data.batch_size), u64::from)
+    }
+
     pub fn checkpoint_url(&self) -> String {
         match &self.checkpoint.url {
             Some(url) => url.clone(),
@@ -688,7 +694,7 @@ pub struct EvalConfig {
     pub every_steps: Option<u64>,
     /// Also evaluate the EMA weights.
     pub ema: bool,
-    /// Defaults to `data.batch_size`.
+    /// Defaults to twice `data.batch_size` ([`JobSpec::eval_batch_size`]).
     #[serde(deserialize_with = "integers::positive_u32_opt")]
     pub batch_size: Option<u32>,
     /// Evaluate on at most this many samples (for quick checks).

@@ -207,7 +207,7 @@ impl Evaluator {
         Evaluator {
             dataset,
             transform,
-            batch_size: spec.eval.batch_size.unwrap_or(spec.data.batch_size * 2) as usize,
+            batch_size: spec.eval_batch_size() as usize,
             max_samples: spec.eval.max_samples,
             every,
             ema: spec.eval.ema,
@@ -422,10 +422,17 @@ pub fn evaluate_checkpoint(options: &CheckpointEvalOptions) -> Result<Checkpoint
         .map_err(|reason| Error::IncompatibleCheckpoint { url: url.to_string(), reason })?;
     let transform = eval_transform(&spec)?;
     let resolution = spec.model.resolution();
+    let batch_size = options.batch_size.max(1);
+    crate::job::batch_fits_in_memory(
+        "--batch-size",
+        batch_size as u64,
+        spec.model.input_channels,
+        resolution,
+    )?;
     let settings = EvalSettings {
         dataset: &dataset,
         transform: &transform,
-        batch_size: options.batch_size.max(1),
+        batch_size,
         max_samples: options.max_samples,
         precision: Precision { device, bf16: false, channels_last: false },
         threads: 1,

@@ -203,10 +203,63 @@ fn planned_steps(
     Ok((first, total))
 }
 
+/// This machine's physical memory in bytes, when the system says.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, page_size) =
+        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
+}
+
+/// The loader fills each batch in host memory as float pixels (channels × resolution² × 4 bytes
+/// an image), for training and for evaluation: a batch larger than the machine's memory would
+/// end the process when allocated, so it is refused with the field to change.
+fn batches_fit_in_memory(spec: &JobSpec, memory: Option<u64>) -> Result<()> {
+    let (channels, resolution) = (spec.model.input_channels, spec.model.resolution());
+    batch_fits(
+        "data.batch_size",
+        u64::from(spec.data.batch_size),
+        (channels, resolution),
+        memory,
+        " (optimizer.accumulate_steps keeps a global batch with smaller steps)",
+    )?;
+    batch_fits("eval.batch_size", spec.eval_batch_size(), (channels, resolution), memory, "")
+}
+
+/// [`batches_fit_in_memory`] for one batch size, named by `field` in the error.
+pub(crate) fn batch_fits_in_memory(field: &str, batch: u64, channels: u32, resolution: u32) -> Result<()> {
+    batch_fits(field, batch, (channels, resolution), physical_memory(), "")
+}
+
+fn batch_fits(
+    field: &str,
+    batch: u64,
+    (channels, resolution): (u32, u32),
+    memory: Option<u64>,
+    advice: &str,
+) -> Result<()> {
+    let Some(memory) = memory else { return Ok(()) };
+    let bytes = u128::from(batch) * u128::from(channels) * u128::from(resolution).pow(2) * 4;
+    if bytes <= u128::from(memory) {
+        return Ok(());
+    }
+    let gib = |bytes: u128| bytes as f64 / f64::from(1u32 << 30);
+    Err(Error::invalid(
+        field,
+        format!(
+            "a batch of {batch} images of {channels}×{resolution}×{resolution} float pixels takes {:.1} GiB, \
+             more than this machine's {:.1} GiB of memory{advice}",
+            gib(bytes),
+            gib(u128::from(memory)),
+        ),
+    ))
+}
+
 /// Validate a job and derive its plan. Nothing is written.
 pub async fn prepare(spec: &JobSpec) -> Result<Prepared> {
     let train_transform = Transform::Train(train_transform(spec)?);
     let eval_transform = eval_transform(spec)?;
+    batches_fit_in_memory(spec, physical_memory())?;
     let train = open_dataset("data.train", &spec.data.train).await?;
     let classes = train.manifest.classes.len() as u32;
     if let Some(wanted) = spec.model.classes
@@ -300,6 +353,33 @@ pub fn check(spec: &JobSpec) -> Result<RunPlan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_larger_than_the_memory_is_refused_naming_its_field() {
+        let spec = |batches: &str| {
+            JobSpec::from_yaml_str(
+                &format!("name: x\nmodel: {{variant: b0}}\ndata: {{train: memory://x/train, {batches}}}\n"),
+                "x",
+            )
+            .unwrap()
+        };
+        let gib = Some(1u64 << 30);
+        // B0: 3×224×224 floats, 602,112 bytes an image; evaluation twice the batch by default.
+        assert!(batches_fit_in_memory(&spec("batch_size: 891"), gib).is_ok());
+        let eval = batches_fit_in_memory(&spec("batch_size: 892"), gib).unwrap_err().to_string();
+        assert!(eval.contains("eval.batch_size") && eval.contains("a batch of 1784 images of 3×224×224 float pixels takes 1.0 GiB, more than this machine's 1.0 GiB of memory"), "{eval}");
+        let train = batches_fit_in_memory(&spec("batch_size: 2000000000"), gib).unwrap_err().to_string();
+        assert!(
+            train.contains("data.batch_size")
+                && train.contains("takes 1121521.0 GiB")
+                && train.contains("optimizer.accumulate_steps"),
+            "{train}"
+        );
+        let mut given = spec("batch_size: 1000");
+        given.eval.batch_size = Some(8);
+        assert!(batches_fit_in_memory(&given, gib).is_ok(), "eval.batch_size given");
+        assert!(batches_fit_in_memory(&spec("batch_size: 2000000000"), None).is_ok(), "memory unknown");
+    }
 
     #[test]
     fn batches_count_the_short_last_one_and_join_a_lone_sample() {

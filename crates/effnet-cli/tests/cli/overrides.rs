@@ -104,6 +104,12 @@ fn check_prints_the_overridden_job() {
     json_args.extend(["--set", "model.resolution=32", "--json"]);
     let plan: Value = serde_json::from_str(&effnet(&json_args).stdout).unwrap();
     assert_eq!((plan["global_batch"].as_u64(), plan["resolution"].as_u64()), (Some(4), Some(32)), "{plan}");
+    // A batch no machine holds is refused by name before the loader would allocate it (which
+    // aborted the process: "memory allocation of 8192000000000 bytes failed").
+    for command in ["run", "worker"] {
+        let huge = effnet(&[command, yaml, "--check", "--set", "data.batch_size=2000000000"]);
+        assert_bad_input(&huge, &["data.batch_size: a batch of 2000000000 images of ", " GiB of memory"]);
+    }
     assert!(!dir.path().join("job").exists(), "--check wrote the job directory");
 }
 
