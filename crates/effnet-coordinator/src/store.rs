@@ -104,11 +104,28 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
+/// The database holds the jobs' specs, whose URLs may carry credentials (presigned query
+/// strings, `user:password@`): it is created readable and writable by its owner only, and an
+/// existing one is narrowed to that. SQLite gives its `-wal` and `-shm` files the database's
+/// permissions.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|source| Error::StateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join(DATABASE_FILE);
+        owner_only(&path).map_err(|source| Error::StateDir { path: path.clone(), source })?;
         let database = |source| Error::Database { path: path.clone(), source };
         let connection = Connection::open(&path).map_err(database)?;
         // WAL: a crash mid-write leaves the last committed state; NORMAL is durable at

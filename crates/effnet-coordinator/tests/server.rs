@@ -719,6 +719,10 @@ async fn people_see_job_urls_redacted_and_workers_see_them_whole() {
     const SESSION: &str = "fake-session-token-9c1e";
     const PASSWORD: &str = "fake-password-77d0";
     let dir = tempfile::tempdir().unwrap();
+    // A database an earlier version left readable by everyone (an empty file is an empty database).
+    let database = dir.path().join(effnet_coordinator::DATABASE_FILE);
+    std::fs::write(&database, b"").unwrap();
+    std::fs::set_permissions(&database, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let server = Server::start(dir.path(), Settings::default()).await;
     let client = server.client();
     let train = format!(
@@ -755,6 +759,21 @@ async fn people_see_job_urls_redacted_and_workers_see_them_whole() {
     }
     assert!(seen_by_people[0].contains("X-Amz-Signature=REDACTED"), "{}", seen_by_people[0]);
     assert!(seen_by_people[2].contains("step-4"), "the page shows the checkpoint: {}", seen_by_people[2]);
+    // The database keeps the job whole, so it and SQLite's files beside it are the owner's only.
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&entry.metadata().unwrap().permissions()) & 0o777;
+        files.push((entry.file_name().to_string_lossy().into_owned(), mode));
+    }
+    files.sort();
+    let wal = format!("{}-wal", effnet_coordinator::DATABASE_FILE);
+    assert!(files.iter().any(|(name, _)| *name == wal), "{files:?}");
+    assert!(
+        files.iter().all(|(_, mode)| *mode == 0o600),
+        "modes {:?}",
+        files.iter().map(|(name, mode)| format!("{name} {mode:o}")).collect::<Vec<_>>()
+    );
     server.stop().await;
 }
 

@@ -334,8 +334,23 @@ fn write_job_file(job: &TrainJob, spec: &JobSpec, work_dir: &Path) -> Result<Pat
     let jobs_dir = work_dir.join("jobs");
     std::fs::create_dir_all(&jobs_dir).with_context(|| format!("creating {}", jobs_dir.display()))?;
     let file = jobs_dir.join(format!("{}.yaml", job.name));
-    std::fs::write(&file, serde_json::to_string_pretty(spec)?)
-        .with_context(|| format!("writing {}", file.display()))?;
+    // The resolved spec keeps the URLs' credentials (the run needs them): owner-only, as the
+    // coordinator's database.
+    let write = || -> std::io::Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            options.mode(0o600);
+            // A file an earlier version wrote keeps its mode through `open`: narrow it first.
+            if file.exists() {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        std::io::Write::write_all(&mut options.open(&file)?, serde_json::to_string_pretty(spec)?.as_bytes())
+    };
+    write().with_context(|| format!("writing {}", file.display()))?;
     Ok(file)
 }
 

@@ -49,6 +49,17 @@ fn the_compound_scaling_pipeline_runs_quick_and_skips_what_is_done() {
     // Each job ran through `effnet run` with two workers and the coordinator.
     let jobs = dir.path().join(".work/pipelines/compound-scaling-quick");
     assert!(jobs.join("base/coordinator").join(effnet_coordinator::DATABASE_FILE).exists());
+    // The resolved job files and the coordinator's database keep the URLs' credentials: the
+    // owner's only.
+    let mode = |path: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&path.metadata().unwrap().permissions()) & 0o777
+    };
+    let written: Vec<_> = std::fs::read_dir(jobs.join("jobs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(written.len(), 3, "{written:?}");
+    for file in written.iter().chain([&jobs.join("base/coordinator").join(effnet_coordinator::DATABASE_FILE)])
+    {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
 
     // Everything is there: every stage is skipped.
     let again = run();
