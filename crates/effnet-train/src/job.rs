@@ -212,8 +212,9 @@ fn physical_memory() -> Option<u64> {
 }
 
 /// The loader fills each batch in host memory as float pixels (channels × resolution² × 4 bytes
-/// an image), for training and for evaluation: a batch larger than the machine's memory would
-/// end the process when allocated, so it is refused with the field to change.
+/// an image), for training and, with a validation set, for evaluation: a batch larger than the
+/// machine's memory would end the process when allocated, so it is refused with the field to
+/// change.
 fn batches_fit_in_memory(spec: &JobSpec, memory: Option<u64>) -> Result<()> {
     let (channels, resolution) = (spec.model.input_channels, spec.model.resolution());
     batch_fits(
@@ -223,6 +224,9 @@ fn batches_fit_in_memory(spec: &JobSpec, memory: Option<u64>) -> Result<()> {
         memory,
         " (optimizer.accumulate_steps keeps a global batch with smaller steps)",
     )?;
+    if spec.data.val.is_none() {
+        return Ok(());
+    }
     batch_fits("eval.batch_size", spec.eval_batch_size(), (channels, resolution), memory, "")
 }
 
@@ -358,7 +362,9 @@ mod tests {
     fn a_batch_larger_than_the_memory_is_refused_naming_its_field() {
         let spec = |batches: &str| {
             JobSpec::from_yaml_str(
-                &format!("name: x\nmodel: {{variant: b0}}\ndata: {{train: memory://x/train, {batches}}}\n"),
+                &format!(
+                    "name: x\nmodel: {{variant: b0}}\ndata: {{train: memory://x/t, val: memory://x/v, {batches}}}\n"
+                ),
                 "x",
             )
             .unwrap()
@@ -378,6 +384,9 @@ mod tests {
         let mut given = spec("batch_size: 1000");
         given.eval.batch_size = Some(8);
         assert!(batches_fit_in_memory(&given, gib).is_ok(), "eval.batch_size given");
+        let mut no_val = spec("batch_size: 892");
+        no_val.data.val = None;
+        assert!(batches_fit_in_memory(&no_val, gib).is_ok(), "no evaluation, no evaluation batch");
         assert!(batches_fit_in_memory(&spec("batch_size: 2000000000"), None).is_ok(), "memory unknown");
     }
 
