@@ -106,14 +106,16 @@ impl From<rusqlite::Error> for Error {
 
 /// The database holds the jobs' specs, whose URLs may carry credentials (presigned query
 /// strings, `user:password@`): it is created readable and writable by its owner only, and an
-/// existing one is narrowed to that. SQLite gives its `-wal` and `-shm` files the database's
-/// permissions.
+/// existing one is narrowed to that where this user may (else a warning: a database another
+/// user owns still opens). SQLite gives its `-wal` and `-shm` files the database's permissions.
 fn owner_only(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        if let Err(error) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), %error, "could not make the database readable by its owner only");
+        }
     }
     #[cfg(not(unix))]
     let _ = path;
