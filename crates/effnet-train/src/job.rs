@@ -203,14 +203,6 @@ fn planned_steps(
     Ok((first, total))
 }
 
-/// This machine's physical memory in bytes, when the system says.
-fn physical_memory() -> Option<u64> {
-    // SAFETY: sysconf only reads system configuration.
-    let (pages, page_size) =
-        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
-}
-
 /// The loader fills each batch in host memory as float pixels (channels × resolution² × 4 bytes
 /// an image), for training and, with a validation set, for evaluation: a batch larger than the
 /// machine's memory would end the process when allocated, so it is refused with the field to
@@ -232,7 +224,7 @@ fn batches_fit_in_memory(spec: &JobSpec, memory: Option<u64>) -> Result<()> {
 
 /// [`batches_fit_in_memory`] for one batch size, named by `field` in the error.
 pub(crate) fn batch_fits_in_memory(field: &str, batch: u64, channels: u32, resolution: u32) -> Result<()> {
-    batch_fits(field, batch, (channels, resolution), physical_memory(), "")
+    batch_fits(field, batch, (channels, resolution), crate::metrics::memory_bytes(), "")
 }
 
 fn batch_fits(
@@ -263,7 +255,7 @@ fn batch_fits(
 pub async fn prepare(spec: &JobSpec) -> Result<Prepared> {
     let train_transform = Transform::Train(train_transform(spec)?);
     let eval_transform = eval_transform(spec)?;
-    batches_fit_in_memory(spec, physical_memory())?;
+    batches_fit_in_memory(spec, crate::metrics::memory_bytes())?;
     let train = open_dataset("data.train", &spec.data.train).await?;
     let classes = train.manifest.classes.len() as u32;
     if let Some(wanted) = spec.model.classes

@@ -94,6 +94,13 @@ pub fn unix_time() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// This machine's memory in bytes (`MemTotal`), where the system says.
+pub fn memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
 /// Where a run ran, for the `start` record (so a report says what produced its numbers).
 pub fn environment(device: tch::Device) -> Value {
     let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_string());
@@ -102,10 +109,6 @@ pub fn environment(device: tch::Device) -> Value {
             .find(|line| line.starts_with("model name"))
             .and_then(|line| line.split_once(':'))
             .map(|(_, name)| name.trim().to_string())
-    });
-    let memory_bytes = read("/proc/meminfo").and_then(|info| {
-        let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
     });
     let cuda = matches!(device, tch::Device::Cuda(_));
     json!({
@@ -116,7 +119,7 @@ pub fn environment(device: tch::Device) -> Value {
         "host": read("/proc/sys/kernel/hostname"),
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "memory_bytes": memory_bytes,
+        "memory_bytes": memory_bytes(),
         "cuda_devices": if cuda { tch::Cuda::device_count() } else { 0 },
         "cudnn": cuda && tch::Cuda::cudnn_is_available(),
     })

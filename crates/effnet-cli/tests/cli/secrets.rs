@@ -170,20 +170,24 @@ fn a_closed_stdout_is_quiet_and_status_0() {
     assert_eq!((outcome.code, outcome.stderr.as_str()), (0, ""));
 }
 
+/// The binary run as a user runs it: no `RUST_BACKTRACE` from the test's environment.
+fn without_backtrace(args: &[&str], env: &[(&str, &str)]) -> Outcome {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_effnet"));
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
+    Outcome::from(command.output().unwrap())
+}
+
 /// A panic on the main thread and on another thread: one line naming the place and where to
 /// report it, exit status 1, no "panicked" text. `EFFNET_TEST_PANIC` is the binary's hook for
 /// this test (no input is known to make the tool panic).
 #[test]
 fn a_panic_on_any_thread_is_one_line_and_status_1() {
     for (thread, message) in [("main", "on the main thread"), ("thread", "on a thread")] {
-        let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
-            .args(["model", "summary"])
-            .env("EFFNET_TEST_PANIC", thread)
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .output()
-            .unwrap();
-        let outcome = Outcome::from(output);
+        let outcome = without_backtrace(&["model", "summary"], &[("EFFNET_TEST_PANIC", thread)]);
         assert_eq!(outcome.code, 1, "{}", outcome.stderr);
         assert_eq!(outcome.stderr.lines().count(), 1, "{}", outcome.stderr);
         let line = outcome.stderr.trim_end();
@@ -210,13 +214,7 @@ fn a_panic_on_any_thread_is_one_line_and_status_1() {
 /// alone would take 20 TiB.
 #[test]
 fn running_out_of_memory_is_one_line_and_status_2() {
-    let output = Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(["model", "summary", "--classes", "4294967295"])
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .unwrap();
-    let outcome = Outcome::from(output);
+    let outcome = without_backtrace(&["model", "summary", "--classes", "4294967295"], &[]);
     assert_eq!(outcome.code, 2, "{}", outcome.stderr);
     assert_eq!(outcome.stderr.lines().count(), 1, "{}", outcome.stderr);
     let line = outcome.stderr.trim_end();
