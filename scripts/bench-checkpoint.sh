@@ -6,6 +6,7 @@
 #   EFFNET_BENCH_THREADS=1 scripts/bench-checkpoint.sh       (training threads; default every core)
 #   EFFNET_BENCH_SAVE_PRIORITY=idle|1..19                    (the save's threads: SCHED_IDLE or nice)
 #   EFFNET_BENCH_YIELD_CORE=1                                (one training thread fewer during a save)
+#   EFFNET_BENCH_WINDOW_STEPS=4 EFFNET_BENCH_PAIRS=24        (stall windows: steps each, pairs; 10 and 8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec cargo bench -p effnet-train --bench checkpoint_save

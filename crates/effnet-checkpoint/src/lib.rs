@@ -2,17 +2,22 @@
 //!
 //! A checkpoint directory holds `model.safetensors`, `optimizer.safetensors`, `ema.safetensors`
 //! (when EMA is on) and `state.json`, and **last** `COMMIT`: JSON with the step, the validation
-//! metric and the size and SHA-256 of every other file. Object stores have no rename, so the
-//! marker is the atomicity point: a directory without a parseable `COMMIT` does not exist, and a
-//! committed one whose files do not match their checksums is skipped (with a warning) in favour
-//! of the previous one. Purging deletes `COMMIT` first, so a half-deleted checkpoint is never
+//! metric and the size and BLAKE3 (format 2; SHA-256 in format 1) of every other file. Object
+//! stores have no rename, so the marker is the atomicity point: a directory without a parseable
+//! `COMMIT` does not exist, and a committed one whose files do not match their checksums is
+//! skipped (with a warning) in favour of the previous one. Purging deletes `COMMIT` first, so a half-deleted checkpoint is never
 //! mistaken for a whole one.
+//!
+//! On a local disk the files are written around the page cache, checksummed on the way, and
+//! flushed before the marker ([`local`]); elsewhere they go through the object store, each hashed
+//! on its own thread meanwhile.
 //!
 //! No libtorch here: the trainer saves and loads through this crate, and the coordinator reads a
 //! checkpoint's `state.json` ([`CheckpointStore::newest_state`]) to deal the rest of an epoch
 //! without downloading the weights.
 
 mod error;
+pub mod local;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -143,42 +148,20 @@ impl CheckpointStore {
     ) -> Result<SaveStats> {
         let started = Instant::now();
         let directory = directory_name(step);
-        let store = self.location.store.as_ref();
-        // Checksums on their own threads, one per file, while the files are written: hashing a
-        // B7 state (1 GB) serially with SHA-256 took three times as long as writing it.
-        let hashing: Vec<(String, std::thread::JoinHandle<FileDigest>)> = files
-            .iter()
-            .map(|(name, content)| {
-                let content = content.clone();
-                (name.clone(), std::thread::spawn(move || FileDigest::of(&content)))
-            })
-            .collect();
-        // On a local disk each file is flushed to the disk on its own thread as soon as it is
-        // written, beside the next file's write: the marker follows only durable files.
+        let total = files.iter().map(|(_, content)| content.len() as u64).sum();
         let local = self.local_root().map(|root| root.join(&directory));
-        let mut syncing = Vec::new();
-        let mut total = 0;
-        for (written, (name, content)) in files.into_iter().enumerate() {
-            total += content.len() as u64;
-            effnet_store::put_bytes(store, &self.location.path(&format!("{directory}/{name}"))?, content)
-                .await?;
-            if let Some(local) = &local {
-                let path = local.join(&name);
-                syncing.push(std::thread::spawn(move || sync_to_disk(&path)));
+        let digests = match &local {
+            // Injected store faults (the reliability tests) act on the object store's writes.
+            Some(local) if effnet_store::faults::FaultPlan::from_env().is_ok_and(|plan| plan.is_none()) => {
+                let local = local.clone();
+                tokio::task::spawn_blocking(move || write_local(&local, step, &files))
+                    .await
+                    .map_err(|e| Error::Internal(format!("the checkpoint writer failed: {e}")))??
             }
-            if written == 0 {
-                effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
-            }
-        }
-        let mut digests = BTreeMap::new();
-        for (name, hashing) in hashing {
-            let digest = hashing.join().map_err(|_| Error::Internal(format!("hashing {name} failed")))?;
-            digests.insert(name, digest);
-        }
-        for synced in syncing {
-            synced.join().map_err(|_| Error::Internal("flushing a checkpoint file failed".into()))??;
-        }
+            _ => self.write_objects(&directory, step, local.as_deref(), files).await?,
+        };
         let commit = Commit { format: COMMIT_FORMAT, step, metric, files: digests };
+        let store = self.location.store.as_ref();
         let marker = serde_json::to_vec_pretty(&commit).map_err(|e| Error::Internal(e.to_string()))?;
         effnet_store::write_marker(
             store,
@@ -196,6 +179,47 @@ impl CheckpointStore {
             }
         }
         Ok(SaveStats { step, bytes: total, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// Every file through the object store, hashed on its own thread meanwhile (hashing a B7
+    /// state serially took as long as sending it); on a local disk (with injected faults only)
+    /// each file is flushed on its own thread as soon as it is written.
+    async fn write_objects(
+        &self,
+        directory: &str,
+        step: u64,
+        local: Option<&std::path::Path>,
+        files: Vec<(String, Bytes)>,
+    ) -> Result<BTreeMap<String, FileDigest>> {
+        let store = self.location.store.as_ref();
+        let hashing: Vec<(String, std::thread::JoinHandle<FileDigest>)> = files
+            .iter()
+            .map(|(name, content)| {
+                let content = content.clone();
+                (name.clone(), std::thread::spawn(move || FileDigest::of(&content)))
+            })
+            .collect();
+        let mut syncing = Vec::new();
+        for (written, (name, content)) in files.into_iter().enumerate() {
+            effnet_store::put_bytes(store, &self.location.path(&format!("{directory}/{name}"))?, content)
+                .await?;
+            if let Some(local) = local {
+                let path = local.join(&name);
+                syncing.push(std::thread::spawn(move || sync_to_disk(&path)));
+            }
+            if written == 0 {
+                effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
+            }
+        }
+        let mut digests = BTreeMap::new();
+        for (name, hashing) in hashing {
+            let digest = hashing.join().map_err(|_| Error::Internal(format!("hashing {name} failed")))?;
+            digests.insert(name, digest);
+        }
+        for synced in syncing {
+            synced.join().map_err(|_| Error::Internal("flushing a checkpoint file failed".into()))??;
+        }
+        Ok(digests)
     }
 
     /// The local directory of a `file://` or path location: there a committed checkpoint must
@@ -467,6 +491,34 @@ pub async fn load_url(url: &str) -> Result<(Commit, HashMap<String, Bytes>)> {
     }
     let location = effnet_store::open(url)?;
     load_directory(&location, "", url).await
+}
+
+/// Every file into the local step directory `directory`, one after another, each written around
+/// the page cache and checksummed on the way ([`local`]). A `COMMIT` left there by an earlier
+/// save of the same step goes first: the directory is not a checkpoint while its files change.
+fn write_local(
+    directory: &std::path::Path,
+    step: u64,
+    files: &[(String, Bytes)],
+) -> Result<BTreeMap<String, FileDigest>> {
+    let io_error = |path: &std::path::Path, source| Error::Io { path: path.display().to_string(), source };
+    std::fs::create_dir_all(directory).map_err(|source| io_error(directory, source))?;
+    let marker = directory.join(COMMIT_MARKER);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => sync_to_disk(directory)?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(io_error(&marker, source)),
+    }
+    let mut digests = BTreeMap::new();
+    for (written, (name, content)) in files.iter().enumerate() {
+        let path = directory.join(name);
+        let (digest, _) = local::write_file(&path, content).map_err(|source| io_error(&path, source))?;
+        digests.insert(name.clone(), digest);
+        if written == 0 {
+            effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
+        }
+    }
+    Ok(digests)
 }
 
 /// fsync a file or directory (a directory: its entries).

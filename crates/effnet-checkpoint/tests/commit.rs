@@ -101,6 +101,36 @@ async fn local_directory() {
     assert_eq!(left, expected);
 }
 
+/// A step saved again over its committed checkpoint (a run resumed from an older one): the old
+/// `COMMIT` goes before any file changes, so a save that fails half way leaves an uncommitted
+/// directory, not a commit whose files no longer match; a whole save commits the new files.
+#[tokio::test]
+async fn a_step_saved_again_is_uncommitted_until_its_new_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::new(effnet_store::open(dir.path().to_str().unwrap()).unwrap());
+    store.save(5, None, files(5)).await.unwrap();
+    store.save(10, None, files(10)).await.unwrap();
+    let step_dir = dir.path().join(directory_name(10));
+    // The second file cannot be written: a directory stands where it goes.
+    std::fs::remove_file(step_dir.join("optimizer.safetensors")).unwrap();
+    std::fs::create_dir(step_dir.join("optimizer.safetensors")).unwrap();
+    let error = store.save(10, None, files(11)).await.unwrap_err().to_string();
+    assert!(error.contains("optimizer.safetensors"), "{error}");
+    assert!(!step_dir.join("COMMIT").exists());
+    assert_eq!(std::fs::read(step_dir.join("model.safetensors")).unwrap(), vec![11u8; 1000]);
+    assert_eq!(latest_step(&store).await, Some(5));
+
+    std::fs::remove_dir(step_dir.join("optimizer.safetensors")).unwrap();
+    let mut shorter = files(12);
+    shorter[0].1 = Bytes::from(vec![12u8; 10]);
+    store.save(10, None, shorter).await.unwrap();
+    let (committed, loaded) = store.latest().await.unwrap().unwrap();
+    assert_eq!(committed.step, 10);
+    assert_eq!(loaded["model.safetensors"], Bytes::from(vec![12u8; 10]));
+    assert_eq!(loaded["optimizer.safetensors"], Bytes::from(vec![13u8; 2000]));
+    assert_eq!(committed.commit.files["model.safetensors"].bytes, 10);
+}
+
 #[tokio::test]
 async fn memory_store() {
     let location = effnet_store::open("memory://checkpoint-test/run/checkpoints").unwrap();

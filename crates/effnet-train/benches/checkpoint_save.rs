@@ -3,21 +3,22 @@
 //! (docs/benchmarks.md, docs/reliability.md).
 //!
 //! - **Checksum**: BLAKE3 (`COMMIT` format 2) against SHA-256 (format 1) of the largest file.
-//! - **Throughput**: `CheckpointStore::save` (BLAKE3 of every file, each file written through
-//!   the object store and flushed to the disk, the commit marker last) against `std::fs::write`
+//! - **Throughput**: `CheckpointStore::save` (each file written around the page cache and
+//!   hashed with BLAKE3 on the way, then flushed to the disk, the commit marker last) against `std::fs::write`
 //!   of the same files, each flushed (`sync_all`), and the directory flushed: both durable, as a
 //!   checkpoint that survives a machine crash must be. The raw write without flushes (into the
 //!   page cache) is printed too. Best of `ROUNDS` each, alternated.
 //! - **Stall**: what a save costs training, through the trainer's own `Checkpointer`: the files
 //!   are assembled on the training thread (each tensor copied once into its safetensors buffer)
-//!   and saved in the background. Windows of `WINDOW` steps of B7 forward/backward at batch 1
+//!   and saved in the background. Pairs of windows of `WINDOW` steps of B7 forward/backward at batch 1
 //!   and 224 px run alone or with one save (waited for at the end of the window if still
 //!   running), alternated; the stall is how much longer a window with a save takes, stated in
 //!   steps (a CPU step; a GPU step is shorter, see the doc). Training uses every core, or
 //!   `EFFNET_BENCH_THREADS`: one fewer leaves the save a core, as a GPU node's idle cores do.
 //!   For the stall study (docs/benchmarks.md): `EFFNET_BENCH_SAVE_PRIORITY` (`idle` or a nice
 //!   value) runs the save's threads at a lower priority, `EFFNET_BENCH_YIELD_CORE=1` trains on
-//!   one thread fewer while a save runs.
+//!   one thread fewer while a save runs. `EFFNET_BENCH_WINDOW_STEPS` and `EFFNET_BENCH_PAIRS` set
+//!   the windows' length and number (10 and 8).
 //!
 //! `cargo bench -p effnet-train --bench checkpoint_save` (scripts/bench-checkpoint.sh)
 
@@ -35,11 +36,25 @@ use effnet_train::state::{ModelIdentity, Stateful};
 use tch::{Device, Kind, Tensor};
 
 const ROUNDS: usize = 3;
-/// Steps in a stall window (a save beside training takes 2–3 CPU steps), and windows with a save
-/// (as many again without). Short windows, many of them: this machine's speed drifts by ±15%
-/// over minutes, and 30-step windows left ±1.4 steps of error with three pairs.
+/// Steps in a stall window (a save beside training takes 1–3 CPU steps), and windows with a save
+/// (as many again without); `EFFNET_BENCH_WINDOW_STEPS` and `EFFNET_BENCH_PAIRS` change them.
+/// Short windows, many of them: this machine's speed drifts by ±15% over minutes, and 30-step
+/// windows left ±1.4 steps of error with three pairs.
 const WINDOW: usize = 10;
 const WINDOWS: usize = 8;
+
+/// A positive count from the environment, or `default`.
+fn count_from_env(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| panic!("{name}={value}: not a positive count")),
+        Err(_) => default,
+    }
+}
 
 /// Busy CPU seconds of the whole machine so far (every core, every process and kernel thread:
 /// the kernel's writeback and interrupts included), from /proc/stat; 0 where there is none.
@@ -237,7 +252,9 @@ fn main() {
     let yield_core = std::env::var_os("EFFNET_BENCH_YIELD_CORE").is_some();
     let (mut alone, mut with_save, mut blocked, mut saving) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..WINDOWS * 2 {
+    let window = count_from_env("EFFNET_BENCH_WINDOW_STEPS", WINDOW);
+    let pairs = count_from_env("EFFNET_BENCH_PAIRS", WINDOWS).max(2);
+    for round in 0..pairs * 2 {
         let save = (round % 4 == 1) || (round % 4 == 2);
         let started = Instant::now();
         if save {
@@ -245,7 +262,7 @@ fn main() {
             checkpointer.save(&runtime, round as u64 + 1, None, files, started, &mut metrics).unwrap();
             blocked.push(started.elapsed().as_secs_f64());
         }
-        for _ in 0..WINDOW {
+        for _ in 0..window {
             if yield_core {
                 tch::set_num_threads(if checkpointer.saving() { (threads - 1).max(1) } else { threads });
             }
@@ -262,13 +279,13 @@ fn main() {
         }
     }
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
-    let step_s = mean(&alone) / WINDOW as f64;
+    let step_s = mean(&alone) / window as f64;
     let stalls: Vec<f64> = with_save.iter().zip(&alone).map(|(with, without)| with - without).collect();
     let stall = mean(&stalls);
     let spread = (stalls.iter().map(|s| (s - stall).powi(2)).sum::<f64>() / (stalls.len() - 1) as f64).sqrt()
         / (stalls.len() as f64).sqrt();
     println!(
-        "B7 CPU step {step_s:.2} s (batch 1, 224 px, {threads} of {cores} cores); windows of {WINDOW} steps alone {} s, with a save {} s \
+        "B7 CPU step {step_s:.2} s (batch 1, 224 px, {threads} of {cores} cores); {pairs} pairs of windows of {window} steps alone {} s, with a save {} s \
          (the save took {} s beside training, blocking it {} s): stall {stall:.2} s = {:.2} ± {:.2} steps \
          (per window: {} steps)",
         list(&alone, 1),
