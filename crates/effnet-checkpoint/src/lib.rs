@@ -5,8 +5,8 @@
 //! metric and the size and BLAKE3 (format 2; SHA-256 in format 1) of every other file. Object
 //! stores have no rename, so the marker is the atomicity point: a directory without a parseable
 //! `COMMIT` does not exist, and a committed one whose files do not match their checksums is
-//! skipped (with a warning) in favour of the previous one. Purging deletes `COMMIT` first, so a half-deleted checkpoint is never
-//! mistaken for a whole one.
+//! skipped (with a warning) in favour of the previous one. Purging deletes `COMMIT` first, so a
+//! half-deleted checkpoint is never mistaken for a whole one.
 //!
 //! On a local disk the files are written around the page cache, checksummed on the way, and
 //! flushed before the marker ([`local`]); elsewhere they go through the object store, each hashed
@@ -510,11 +510,15 @@ fn write_local(
         Err(source) => return Err(io_error(&marker, source)),
     }
     let mut digests = BTreeMap::new();
-    for (written, (name, content)) in files.iter().enumerate() {
+    for (index, (name, content)) in files.iter().enumerate() {
         let path = directory.join(name);
-        let (digest, _) = local::write_file(&path, content).map_err(|source| io_error(&path, source))?;
+        let (digest, written) =
+            local::write_file(&path, content).map_err(|source| io_error(&path, source))?;
+        if written == local::Written::Buffered {
+            tracing::debug!(path = %path.display(), "the filesystem refuses O_DIRECT: written through the page cache");
+        }
         digests.insert(name.clone(), digest);
-        if written == 0 {
+        if index == 0 {
             effnet_store::faults::point(effnet_store::faults::Phase::CheckpointUpload, step, None);
         }
     }

@@ -43,19 +43,21 @@ pub enum Written {
 struct Block {
     memory: Vec<u8>,
     start: usize,
+    /// Bytes it holds: a multiple of [`ALIGN`].
+    capacity: usize,
     /// Bytes of content in it.
     len: usize,
 }
 
 impl Block {
-    fn new() -> Block {
-        let memory = vec![0u8; CHUNK + ALIGN];
+    fn new(capacity: usize) -> Block {
+        let memory = vec![0u8; capacity + ALIGN];
         let start = memory.as_ptr().align_offset(ALIGN);
-        Block { memory, start, len: 0 }
+        Block { memory, start, capacity, len: 0 }
     }
 
     fn space(&mut self) -> &mut [u8] {
-        &mut self.memory[self.start..self.start + CHUNK]
+        &mut self.memory[self.start..self.start + self.capacity]
     }
 
     /// The bytes to write: the content, zero-padded to the alignment.
@@ -82,9 +84,15 @@ fn write_file_as(path: &Path, content: &[u8], direct: bool) -> io::Result<(FileD
     };
     let mut hasher = blake3::Hasher::new();
     let (full_tx, full_rx) = mpsc::sync_channel::<Block>(1);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<Block>(2);
-    for _ in 0..2 {
-        empty_tx.send(Block::new()).expect("the receiver is alive");
+    // A small file (state.json, a small model's weights) gets one buffer of its own size.
+    let (blocks, capacity) = if content.len() > CHUNK {
+        (2, CHUNK)
+    } else {
+        (1, content.len().next_multiple_of(ALIGN).max(ALIGN))
+    };
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<Block>(blocks);
+    for _ in 0..blocks {
+        empty_tx.send(Block::new(capacity)).expect("the receiver is alive");
     }
     let written = std::thread::scope(|scope| {
         let writer = scope.spawn(|| write_blocks(&file, direct, full_rx, empty_tx));

@@ -436,7 +436,7 @@ fn denied_checkpoint_and_job_directories_are_refused_before_training() {
     assert!(lines[0].contains("Operation not permitted"), "{}", lines[0]);
 }
 
-/// The S3 server (data and checkpoints on it) is stopped mid-run, stays down 3 s and comes
+/// The S3 server (data and checkpoints on it) is stopped mid-run, stays down 5 s and comes
 /// back with its objects: the workers' reads and checkpoint writes wait and retry, the job
 /// finishes in its first generation, every good sample once, checkpoints committed on both
 /// sides of the outage.
@@ -484,7 +484,9 @@ fn the_s3_server_restarted_mid_run() {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    server.restart(std::time::Duration::from_secs(3)).unwrap();
+    // 5 s: the loader's read-ahead has covered up to 1.6 s of an outage on this machine, so a
+    // 3 s one (as first written) once left a longest step gap of only 1.44 s.
+    server.restart(std::time::Duration::from_secs(5)).unwrap();
 
     let output = workers.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -498,7 +500,7 @@ fn the_s3_server_restarted_mid_run() {
     );
     assert!(detail["last_checkpoint"]["step"].as_u64().unwrap() > 60, "{detail}");
     // The outage was felt: reads failed and were retried, and a step waited for the server. How
-    // long depends on what the loader had read ahead when it went down (2.4–3 s of the 3 s).
+    // long depends on what the loader had read ahead when it went down (0–1.6 s of it).
     let retried =
         stderr.lines().filter(|l| l.starts_with("store: reading") && l.contains("; retry ")).count();
     assert!(retried > 0, "no read was retried: {stderr}");
@@ -507,7 +509,7 @@ fn the_s3_server_restarted_mid_run() {
     let longest = times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
     assert!(longest > 1.5, "no step waited for the server: longest gap {longest:.2} s");
     eprintln!(
-        "S3 server down 3 s mid-run: {retried} reads retried, the longest step gap was {longest:.1} s; no restart, exactly once"
+        "S3 server down 5 s mid-run: {retried} reads retried, the longest step gap was {longest:.1} s; no restart, exactly once"
     );
     let trained: Vec<String> =
         crate::common::sample_lines(&dir.path().join("job")).into_iter().flat_map(|l| l.3).collect();
