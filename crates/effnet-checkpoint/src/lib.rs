@@ -151,8 +151,12 @@ impl CheckpointStore {
         let total = files.iter().map(|(_, content)| content.len() as u64).sum();
         let local = self.local_root().map(|root| root.join(&directory));
         let digests = match &local {
-            // Injected store faults (the reliability tests) act on the object store's writes.
-            Some(local) if effnet_store::faults::FaultPlan::from_env().is_ok_and(|plan| plan.is_none()) => {
+            // Injected write faults (the reliability tests, the soak) act on the object store's
+            // writes: with them, local files go through it too.
+            Some(local)
+                if effnet_store::faults::FaultPlan::from_env()
+                    .is_ok_and(|plan| plan.is_none_or(|plan| !plan.writes)) =>
+            {
                 let local = local.clone();
                 tokio::task::spawn_blocking(move || write_local(&local, step, &files))
                     .await
