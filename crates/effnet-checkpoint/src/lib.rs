@@ -185,9 +185,9 @@ impl CheckpointStore {
         Ok(SaveStats { step, bytes: total, seconds: started.elapsed().as_secs_f64() })
     }
 
-    /// Every file through the object store, hashed on its own thread meanwhile (hashing a B7
-    /// state serially took as long as sending it); on a local disk (with injected faults only)
-    /// each file is flushed on its own thread as soon as it is written.
+    /// Every file through the object store, each hashed on its own thread meanwhile (one hashing
+    /// thread would hold up the sends on a fast store); on a local disk (only with injected write
+    /// faults) each file is flushed on its own thread as soon as it is written.
     async fn write_objects(
         &self,
         directory: &str,
