@@ -77,7 +77,13 @@ pub struct FileDigest {
 impl FileDigest {
     /// The digest this version writes.
     pub fn of(content: &[u8]) -> FileDigest {
-        FileDigest { bytes: content.len() as u64, blake3: Some(blake3_hex(content)), sha256: None }
+        FileDigest::from_blake3(content.len() as u64, blake3::hash(content))
+    }
+
+    /// The digest this version writes, of `bytes` bytes whose BLAKE3 is `hash` (hashed piece by
+    /// piece as they were written).
+    pub fn from_blake3(bytes: u64, hash: blake3::Hash) -> FileDigest {
+        FileDigest { bytes, blake3: Some(hash.to_hex().to_string()), sha256: None }
     }
 
     /// Whether `content` is the file this digest names: its size and every checksum it lists

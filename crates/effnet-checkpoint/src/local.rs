@@ -109,16 +109,12 @@ fn write_file_as(path: &Path, content: &[u8], direct: bool) -> io::Result<(FileD
         drop(full_tx);
         writer.join().unwrap_or_else(|_| Err(io::Error::other("the checkpoint writer thread panicked")))
     })?;
-    if file.metadata()?.len() != content.len() as u64 {
+    // The last block was written padded to the alignment.
+    if !content.len().is_multiple_of(ALIGN) {
         file.set_len(content.len() as u64)?;
     }
     file.sync_all()?;
-    let digest = FileDigest {
-        bytes: content.len() as u64,
-        blake3: Some(hasher.finalize().to_hex().to_string()),
-        sha256: None,
-    };
-    Ok((digest, written))
+    Ok((FileDigest::from_blake3(content.len() as u64, hasher.finalize()), written))
 }
 
 fn open(path: &Path, direct: bool) -> io::Result<File> {

@@ -4,14 +4,14 @@
 //!
 //! - **Checksum**: BLAKE3 (`COMMIT` format 2) against SHA-256 (format 1) of the largest file.
 //! - **Throughput**: `CheckpointStore::save` (each file written around the page cache and
-//!   hashed with BLAKE3 on the way, then flushed to the disk, the commit marker last) against `std::fs::write`
-//!   of the same files, each flushed (`sync_all`), and the directory flushed: both durable, as a
-//!   checkpoint that survives a machine crash must be. The raw write without flushes (into the
-//!   page cache) is printed too. Best of `ROUNDS` each, alternated.
+//!   hashed with BLAKE3 on the way, then flushed to the disk, the commit marker last) against
+//!   `std::fs::write` of the same files, each flushed (`sync_all`), and the directory flushed:
+//!   both durable, as a checkpoint that survives a machine crash must be. The raw write without
+//!   flushes (into the page cache) is printed too. Best of `ROUNDS` each, alternated.
 //! - **Stall**: what a save costs training, through the trainer's own `Checkpointer`: the files
 //!   are assembled on the training thread (each tensor copied once into its safetensors buffer)
-//!   and saved in the background. Pairs of windows of `WINDOW` steps of B7 forward/backward at batch 1
-//!   and 224 px run alone or with one save (waited for at the end of the window if still
+//!   and saved in the background. Pairs of windows of `WINDOW` steps of B7 forward/backward at
+//!   batch 1 and 224 px run alone or with one save (waited for at the end of the window if still
 //!   running), alternated; the stall is how much longer a window with a save takes, stated in
 //!   steps (a CPU step; a GPU step is shorter, see the doc). Training uses every core, or
 //!   `EFFNET_BENCH_THREADS`: one fewer leaves the save a core, as a GPU node's idle cores do.
@@ -113,10 +113,7 @@ fn main() {
     )
     .unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = match std::env::var("EFFNET_BENCH_THREADS") {
-        Ok(threads) => threads.parse().expect("EFFNET_BENCH_THREADS is a number of threads"),
-        Err(_) => cores as i32,
-    };
+    let threads = count_from_env("EFFNET_BENCH_THREADS", cores) as i32;
     tch::set_num_threads(threads);
     tch::manual_seed(0);
     let config = EfficientNetConfig::from_spec(&spec.model, 1000);
