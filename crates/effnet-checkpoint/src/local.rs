@@ -39,33 +39,60 @@ pub enum Written {
     Buffered,
 }
 
-/// One aligned write buffer.
+/// One aligned write buffer: anonymous pages mapped for it and unmapped when it is dropped, so a
+/// save's buffers go back to the system at once instead of staying in a malloc arena (with
+/// buffers from the heap, a hundred saves in a row grew the resident memory by 20–90 MiB).
 struct Block {
-    memory: Vec<u8>,
-    start: usize,
-    /// Bytes it holds: a multiple of [`ALIGN`].
+    memory: std::ptr::NonNull<u8>,
+    /// Bytes mapped: a multiple of [`ALIGN`].
     capacity: usize,
     /// Bytes of content in it.
     len: usize,
 }
 
+// SAFETY: a Block owns its mapping alone; it moves between the filling and the writing thread.
+unsafe impl Send for Block {}
+
 impl Block {
-    fn new(capacity: usize) -> Block {
-        let memory = vec![0u8; capacity + ALIGN];
-        let start = memory.as_ptr().align_offset(ALIGN);
-        Block { memory, start, capacity, len: 0 }
+    fn new(capacity: usize) -> io::Result<Block> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let memory = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                capacity,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if memory == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let memory = std::ptr::NonNull::new(memory.cast::<u8>()).expect("mmap succeeded");
+        Ok(Block { memory, capacity, len: 0 })
     }
 
     fn space(&mut self) -> &mut [u8] {
-        &mut self.memory[self.start..self.start + self.capacity]
+        // SAFETY: the mapping holds `capacity` bytes (zeroed when mapped), owned by this Block.
+        unsafe { std::slice::from_raw_parts_mut(self.memory.as_ptr(), self.capacity) }
     }
 
     /// The bytes to write: the content, zero-padded to the alignment.
     fn padded(&mut self) -> &[u8] {
-        let padded = self.len.next_multiple_of(ALIGN);
-        let start = self.start;
-        self.memory[start + self.len..start + padded].fill(0);
-        &self.memory[start..start + padded]
+        let (len, padded) = (self.len, self.len.next_multiple_of(ALIGN));
+        let space = self.space();
+        space[len..padded].fill(0);
+        &space[..padded]
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this Block made, unmapped once; no slice of it outlives the Block.
+        unsafe {
+            libc::munmap(self.memory.as_ptr().cast(), self.capacity);
+        }
     }
 }
 
@@ -92,7 +119,7 @@ fn write_file_as(path: &Path, content: &[u8], direct: bool) -> io::Result<(FileD
     };
     let (empty_tx, empty_rx) = mpsc::sync_channel::<Block>(blocks);
     for _ in 0..blocks {
-        empty_tx.send(Block::new(capacity)).expect("the receiver is alive");
+        empty_tx.send(Block::new(capacity)?).expect("the receiver is alive");
     }
     let written = std::thread::scope(|scope| {
         let writer = scope.spawn(|| write_blocks(&file, direct, full_rx, empty_tx));
