@@ -1,5 +1,6 @@
 //! Table 2 of the EfficientNet paper: ImageNet top-1/top-5, parameters and FLOPs of B0–B7 and the
-//! published models the paper groups with each of them.
+//! published models the paper groups with each of them. The EfficientNet rows' top-1 and FLOPs
+//! are also in `effnet_scaling::Reference` (which `effnet model` prints); a test ties the two.
 
 use serde::{Deserialize, Serialize};
 
@@ -148,6 +149,23 @@ mod tests {
                 (None, None) => {}
                 other => panic!("{}: FLOPs ratio {other:?}", row.model),
             }
+        }
+    }
+
+    /// `effnet model` prints the paper's top-1 and FLOPs from `effnet_scaling`'s references, the
+    /// report from this table: the two copies of the paper's EfficientNet rows must agree.
+    #[test]
+    fn efficientnet_rows_agree_with_the_scaling_crates_references() {
+        for variant in effnet_scaling::Variant::ALL {
+            let reference = variant.reference();
+            let row = efficientnet(&format!("EfficientNet-{}", variant.name().to_uppercase()))
+                .unwrap_or_else(|| panic!("no row for {variant}"));
+            assert!((row.top1 * 100.0 - reference.paper_top1).abs() < 1e-9, "{variant}: top-1");
+            let flops = row.flops.expect("EfficientNet rows have FLOPs");
+            assert!((flops / 1e9 - reference.paper_gflops).abs() < 1e-9, "{variant}: FLOPs");
+            // The paper's rounded parameter counts against torchvision's exact ones.
+            let params = reference.parameters as f64;
+            assert!((row.params / params - 1.0).abs() < 0.06, "{variant}: {} vs {params}", row.params);
         }
     }
 
