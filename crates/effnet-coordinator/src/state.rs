@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use effnet_config::JobSpec;
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::{
-    Assignment, HeartbeatAnswer, JobDetail, JobStart, JobSummary, JoinRequest, Joined, LeaveRequest,
+    Assignment, Deal, HeartbeatAnswer, JobDetail, JobStart, JobSummary, JoinRequest, Joined, LeaveRequest,
     MemberState, Progress, ProgressRecord, RestartRequest, Submitted,
 };
 use crate::store::{self, Store};
@@ -51,10 +51,12 @@ pub struct State {
     settings: Settings,
     /// Worker id → the instant it expires unless it heartbeats.
     deadlines: Mutex<HashMap<String, Instant>>,
-    /// Held while a generation is dealt, so concurrent first requests deal it once.
-    dealing: tokio::sync::Mutex<()>,
+    /// Job id → the lock held while that job's generation is dealt, so concurrent first requests
+    /// deal it once. One per job: a deal reads the job's checkpoint store, and one job's slow or
+    /// unreachable store must not hold up the others' generations.
+    dealing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Job id → its training data's row groups (read from the manifest once).
-    row_groups: Mutex<HashMap<String, std::sync::Arc<Vec<effnet_data::RowGroupRef>>>>,
+    row_groups: Mutex<HashMap<String, Arc<Vec<effnet_data::RowGroupRef>>>>,
 }
 
 /// SHA-256 of a domain tag and the token, in hex: the status page's key.
@@ -94,7 +96,7 @@ impl State {
             view_key,
             settings,
             deadlines: Mutex::new(deadlines),
-            dealing: tokio::sync::Mutex::new(()),
+            dealing: Mutex::new(HashMap::new()),
             row_groups: Mutex::new(HashMap::new()),
         })
     }
@@ -270,31 +272,30 @@ impl State {
     /// dealt to the generation's ranks, decided at the first request and stored (see
     /// [`crate::deal`]).
     pub async fn assignment(&self, job_id: &str, worker_id: &str) -> Result<Assignment> {
-        let (job, worker) = (job_id.to_string(), worker_id.to_string());
         let context = {
-            let (job, worker) = (job.clone(), worker.clone());
+            let (job, worker) = (job_id.to_string(), worker_id.to_string());
             self.store.call(move |db| store::deal_context(db, &job, &worker)).await?
         };
         let deal = match context.deal {
             Some(deal) => deal,
             None => {
-                let _dealing = self.dealing.lock().await;
-                let again = self.store.call(move |db| store::deal_context(db, &job, &worker)).await?;
-                match again.deal {
-                    Some(deal) => deal,
-                    None => {
-                        let spec = stored_spec(&again.yaml, job_id)?;
-                        let world = again.generation.world_size as usize;
-                        let deal =
-                            crate::deal::deal(&spec, &again.start, again.generation.resume.as_ref(), world)
-                                .await?;
-                        let (job, number) = (job_id.to_string(), again.generation.number);
-                        let deal =
-                            self.store.call(move |db| store::save_deal(db, &job, number, &deal)).await?;
-                        tracing::info!(job = job_id, generation = number, start = ?deal.start, "generation dealt");
-                        deal
-                    }
+                let lock = self
+                    .dealing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(job_id.to_string())
+                    .or_default()
+                    .clone();
+                let guard = lock.clone().lock_owned().await;
+                let dealt = self.deal_once(job_id, worker_id).await;
+                drop(guard);
+                // The map's entry goes once nobody else holds or waits for it (clones are only
+                // taken under the map's lock); a later request finds the stored deal.
+                let mut locks = self.dealing.lock().unwrap_or_else(PoisonError::into_inner);
+                if Arc::strong_count(&lock) == 2 {
+                    locks.remove(job_id);
                 }
+                dealt?
             }
         };
         Ok(Assignment {
@@ -303,6 +304,24 @@ impl State {
             world_size: context.generation.world_size,
             deal,
         })
+    }
+
+    /// The generation's deal, made and stored now unless a request before this one (which held
+    /// the job's dealing lock) stored it.
+    async fn deal_once(&self, job_id: &str, worker_id: &str) -> Result<Deal> {
+        let (job, worker) = (job_id.to_string(), worker_id.to_string());
+        let context = self.store.call(move |db| store::deal_context(db, &job, &worker)).await?;
+        if let Some(deal) = context.deal {
+            return Ok(deal);
+        }
+        let spec = stored_spec(&context.yaml, job_id)?;
+        let (world, number) = (context.generation.world_size as usize, context.generation.number);
+        let deal =
+            crate::deal::deal(&spec, &context.start, context.generation.resume.as_ref(), world).await?;
+        let job = job_id.to_string();
+        let deal = self.store.call(move |db| store::save_deal(db, &job, number, &deal)).await?;
+        tracing::info!(job = job_id, generation = number, start = ?deal.start, "generation dealt");
+        Ok(deal)
     }
 
     /// Epoch `epoch`'s plan for a member's running generation.
@@ -319,7 +338,7 @@ impl State {
         let row_groups = match cached {
             Some(groups) => groups,
             None => {
-                let groups = std::sync::Arc::new(crate::deal::row_groups(&spec).await?);
+                let groups = Arc::new(crate::deal::row_groups(&spec).await?);
                 self.row_groups
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

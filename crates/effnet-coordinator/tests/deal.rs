@@ -247,3 +247,49 @@ async fn a_job_starts_where_it_was_submitted_to_until_it_commits_its_own_checkpo
     assert_eq!((status, reason), (422, format!("checkpoint {missing}: no such directory")));
     let _ = stop.send(());
 }
+
+/// Dealing reads a job's checkpoint store, which may hang (an object store that stopped
+/// answering, retried for minutes). That holds up that job's generation only: another job is
+/// dealt meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_checkpoint_store_hangs_does_not_hold_up_another_jobs_deal() {
+    // An HTTP "store" that accepts connections and never answers.
+    let hanging = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}/checkpoints/step-00000008", hanging.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            held.push(socket);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+
+    let (dir, _groups, _store, yaml) = job_on_disk("deals", "{workers: 1}").await;
+    let (url, stop) = serve(&dir.path().join("coordinator")).await;
+    let client = Client::new(&url, TOKEN).unwrap();
+    let stuck = client.submit(&yaml, "a.yaml", &JobStart::Checkpoint { url: hanging_url }).await.unwrap().id;
+    let stuck_worker = generation(&client, &stuck, 1).await.remove(0);
+    let stuck_assignment = {
+        let client = client.clone();
+        tokio::spawn(async move { client.assignment(&stuck, &stuck_worker).await })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first job's deal never read its checkpoint store");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let other = client.submit(&yaml, "b.yaml", &JobStart::Fresh).await.unwrap().id;
+    let other_worker = generation(&client, &other, 1).await.remove(0);
+    let dealt =
+        tokio::time::timeout(std::time::Duration::from_secs(20), client.assignment(&other, &other_worker))
+            .await
+            .expect("the second job's deal waited for the first job's hanging store")
+            .unwrap();
+    assert_eq!(dealt.deal.start, StartPoint::Fresh);
+    assert!(!stuck_assignment.is_finished(), "the first job's store answered: {:?}", stuck_assignment.await);
+    stuck_assignment.abort();
+    let _ = stop.send(());
+}
