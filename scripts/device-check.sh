@@ -406,7 +406,10 @@ if (( DATA_OK )) && (( ! REHEARSE )); then
   "$EFFNET" coordinator --listen 127.0.0.1:$(( PORT + 2 )) --state-dir "$WORK/coord" \
     --token-file "$WORK/coord.token" > "$LOGS/coordinator.out" 2> "$LOGS/coordinator.err" &
   coord_pid=$!
-  sleep 2
+  for _ in $(seq 300); do   # up to 30 s for its "coordinator listening on" line
+    grep -q '^coordinator listening on' "$LOGS/coordinator.out" 2> /dev/null && break
+    sleep 0.1
+  done
   coord="http://127.0.0.1:$(( PORT + 2 ))"
   if job_id=$("$EFFNET" submit "$job" --coordinator "$coord" --token-file "$WORK/coord.token" 2>> "$LOGS/nccl-coord.err"); then
     run_phase nccl-coord 120 40 env NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \
