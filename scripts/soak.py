@@ -20,7 +20,7 @@ At the end it checks, and exits 1 when one fails:
 Writes OUT/soak.csv (the samples), OUT/rss.svg (the memory curve with the faults marked) and
 OUT/soak.md (the table in docs/reliability.md comes from it).
 
-Usage: soak.py EFFNET DATA WORK OUT [--steps N]
+Usage: soak.py EFFNET DATA WORK OUT [--steps N] [--read-faults]
 """
 import json
 import os
@@ -39,7 +39,14 @@ FAULT_EVERY = max(STEPS // 10, 50)
 # Seconds between samples: a worker lives ~40 s between faults at ~30 steps/s.
 SAMPLE_EVERY = 0.5
 KEEP_LAST = 3
-STORE_FAULTS = "seed=1,error=0.002,throttle=0.002,timeout=0.001,truncate=0.002,slow=0.005,timeout_ms=100,slow_ms=50,writes"
+# With `writes`, checkpoint writes get store faults too and go through the object-store path
+# (retried PUTs), as on S3. `--read-faults` leaves writes alone: checkpoints are then written by
+# the local-disk writer (O_DIRECT, crates/effnet-checkpoint/src/local.rs), as in a real job
+# whose checkpoints are on a local disk.
+READ_FAULTS = "--read-faults" in sys.argv
+STORE_FAULTS = "seed=1,error=0.002,throttle=0.002,timeout=0.001,truncate=0.002,slow=0.005,timeout_ms=100,slow_ms=50" + (
+    "" if READ_FAULTS else ",writes"
+)
 
 JOB = f"""name: soak
 description: The reliability soak (scripts/soak.py); not a recipe.
@@ -283,11 +290,12 @@ def report(status, wall, samples, faults, leftovers):
     write_svg(samples, faults, os.path.join(OUT, "rss.svg"))
     last = max((s["step"] for s in samples), default=0)
     lines = [
-        f"- command: `make soak` ({STEPS:,} steps; scripts/soak.py)",
+        f"- command: `{'scripts/soak.sh --read-faults' if READ_FAULTS else 'make soak'}` ({STEPS:,} steps; scripts/soak.py)",
         f"- wall: {wall / 60:.1f} min; exit status {status}; {len(faults)} faults "
         f"({sum(f['signal'] == 'KILL' for f in faults)} SIGKILL, {sum(f['signal'] == 'STOP' for f in faults)} SIGSTOP) "
         f"at steps {', '.join(str(f['step']) for f in faults)}; {restarts} restarts",
-        f"- store faults throughout: `{STORE_FAULTS}`",
+        f"- store faults throughout: `{STORE_FAULTS}`"
+        + ("; checkpoints written by the local-disk writer" if READ_FAULTS else "; checkpoints written through the object-store path"),
         f"- exactly once: {checked} completed epochs checked, {lost} samples lost, {duplicated} duplicated",
         f"- resident memory per worker process: peak {peak:.0f} MiB; largest growth in one process's life "
         f"{worst_growth:.1f} MiB (median of its first to its last quarter, after 10 s; {len(growth)} processes); "

@@ -6,6 +6,9 @@
 #
 #   make soak                    the whole soak
 #   scripts/soak.sh --steps 700  a short one (its checks need at least one epoch: 3,750 steps)
+#   EFFNET_SOAK_OUT=docs/soak-local-writer scripts/soak.sh --read-faults
+#                                store faults on reads only, so checkpoints go through the
+#                                local-disk writer rather than the object-store path
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EFFNET="${CARGO_TARGET_DIR:-target}/release/effnet"
