@@ -6,6 +6,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use effnet_checkpoint::CheckpointStore;
@@ -256,13 +258,13 @@ async fn a_job_whose_checkpoint_store_hangs_does_not_hold_up_another_jobs_deal()
     // An HTTP "store" that accepts connections and never answers.
     let hanging = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hanging_url = format!("http://{}/checkpoints/step-00000008", hanging.local_addr().unwrap());
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
     let counter = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = hanging.accept().await {
             held.push(socket);
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            counter.fetch_add(1, Ordering::SeqCst);
         }
     });
 
@@ -275,19 +277,18 @@ async fn a_job_whose_checkpoint_store_hangs_does_not_hold_up_another_jobs_deal()
         let client = client.clone();
         tokio::spawn(async move { client.assignment(&stuck, &stuck_worker).await })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(std::time::Instant::now() < deadline, "the first job's deal never read its checkpoint store");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the first job's deal never read its checkpoint store");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let other = client.submit(&yaml, "b.yaml", &JobStart::Fresh).await.unwrap().id;
     let other_worker = generation(&client, &other, 1).await.remove(0);
-    let dealt =
-        tokio::time::timeout(std::time::Duration::from_secs(20), client.assignment(&other, &other_worker))
-            .await
-            .expect("the second job's deal waited for the first job's hanging store")
-            .unwrap();
+    let dealt = tokio::time::timeout(Duration::from_secs(20), client.assignment(&other, &other_worker))
+        .await
+        .expect("the second job's deal waited for the first job's hanging store")
+        .unwrap();
     assert_eq!(dealt.deal.start, StartPoint::Fresh);
     assert!(!stuck_assignment.is_finished(), "the first job's store answered: {:?}", stuck_assignment.await);
     stuck_assignment.abort();
